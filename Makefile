@@ -1,0 +1,37 @@
+# The two promised commands: `make demo` and `make test` (both create the venv as needed).
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DATASET ?= digits
+DEMO_DIR ?= runs/demo
+PYTEST_ARGS ?=
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: install test lint format demo clean
+
+$(STAMP): requirements.txt requirements-test.txt setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-test.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(PY) -m apps.complexity --genotype=DARTS_V2,PIBCONV --layers=20,15,10,8,7,6,5,4,3,2 --init_channels=36
+
+clean:
+	rm -rf $(VENV) build *.egg-info

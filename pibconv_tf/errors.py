@@ -1,0 +1,10 @@
+"""The one exception type for bad user input.
+
+Library code raises `UserInputError` with a single sentence that names the input, the value
+and what would be accepted; the apps turn it into that sentence on stderr and exit status 1,
+without a traceback and before any output is written.
+"""
+
+
+class UserInputError(ValueError):
+    """Bad input from the user (a flag, a file, a dataset): the message is for people."""
