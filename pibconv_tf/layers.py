@@ -1,0 +1,154 @@
+"""Building blocks shared by every operation: PyTorch-faithful initialisation, norms, padding.
+
+DARTS and PIBConv train with PyTorch's defaults, which differ from Keras' in three places
+that change results: the kernel initialiser (uniform +-1/sqrt(fan_in)), BatchNorm's epsilon
+and momentum (1e-5 and 0.1 in PyTorch's convention, i.e. a moving-average decay of 0.9), and
+the padding of strided convolutions (symmetric in PyTorch, asymmetric "same" in TensorFlow).
+"""
+
+import math
+
+import keras
+from keras import ops
+
+INITIALIZERS = ("torch", "keras")
+ACTIVATIONS = ("relu", "gelu")
+NORMS = ("bn", "ln")
+
+BN_EPSILON = 1e-5
+BN_MOMENTUM = 0.9  # Keras' decay; PyTorch's momentum=0.1 means the same moving average.
+LN_EPSILON = 1e-6
+
+
+@keras.saving.register_keras_serializable(package="pibconv_tf")
+class TorchUniform(keras.initializers.Initializer):
+    """PyTorch's default kernel initialiser: uniform in +-1/sqrt(fan_in).
+
+    `kaiming_uniform_(a=sqrt(5))`, which `nn.Conv2d` and `nn.Linear` use, reduces to this
+    bound. fan_in is the number of inputs one output sees: kh*kw*(in/groups) for a
+    convolution and kh*kw for a depthwise one (PyTorch stores depthwise weights as
+    (C, 1, kh, kw)), which Keras' own variance-scaling initialisers get wrong for depthwise.
+
+    Args:
+        depthwise: whether the kernel is a depthwise kernel (kh, kw, C, multiplier).
+        fan_in: explicit fan-in, for biases (PyTorch bounds a bias by its layer's fan-in).
+        seed: optional integer seed.
+    """
+
+    def __init__(self, depthwise=False, fan_in=None, seed=None):
+        self.depthwise = depthwise
+        self.fan_in = fan_in
+        self.seed = seed
+
+    def __call__(self, shape, dtype=None):
+        if self.fan_in is not None:
+            fan_in = self.fan_in
+        elif len(shape) == 2:
+            fan_in = shape[0]
+        elif self.depthwise:
+            fan_in = math.prod(shape[:-2])
+        else:
+            fan_in = math.prod(shape[:-1])
+        bound = 1.0 / math.sqrt(max(fan_in, 1))
+        return keras.random.uniform(shape, -bound, bound, dtype=dtype, seed=self.seed)
+
+    def get_config(self):
+        return {"depthwise": self.depthwise, "fan_in": self.fan_in, "seed": self.seed}
+
+
+def check_choice(kind, value, choices):
+    if value not in choices:
+        raise ValueError(f"Unknown {kind} {value!r}; expected one of {', '.join(choices)}.")
+
+
+def kernel_initializer(initializer, depthwise=False):
+    """The kernel initialiser named `initializer` ("torch" or "keras")."""
+    check_choice("initializer", initializer, INITIALIZERS)
+    if initializer == "torch":
+        return TorchUniform(depthwise=depthwise)
+    return "glorot_uniform"
+
+
+def batch_norm(affine, name):
+    """BatchNorm with PyTorch's numerics; `affine=False` drops scale and centre (search)."""
+    return keras.layers.BatchNormalization(
+        epsilon=BN_EPSILON, momentum=BN_MOMENTUM, center=affine, scale=affine, name=name
+    )
+
+
+def norm_layer(norm, affine, name):
+    """BatchNorm ("bn") or LayerNorm over channels ("ln", ConvNeXt's epsilon)."""
+    check_choice("norm", norm, NORMS)
+    if norm == "bn":
+        return batch_norm(affine, name)
+    return keras.layers.LayerNormalization(
+        axis=-1, epsilon=LN_EPSILON, center=affine, scale=affine, name=name
+    )
+
+
+def activation(x, name):
+    """ReLU, or GELU with the exact erf form that PyTorch's `nn.GELU()` computes."""
+    if name == "relu":
+        return ops.relu(x)
+    return ops.gelu(x, approximate=False)
+
+
+def padding_mode(strides):
+    """Stride 1: "same" is symmetric for odd kernels; stride 2 needs `symmetric_pad` first.
+
+    TensorFlow's "same" pads a stride-2 convolution asymmetrically (nothing on top, one row
+    at the bottom for even sizes), which shifts the sampling grid away from PyTorch's.
+    """
+    return "same" if max(_pair(strides)) == 1 else "valid"
+
+
+def _pair(value):
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def conv2d(filters, kernel_size, strides, initializer, name, dilation_rate=1, groups=1):
+    """A bias-free convolution; stride-2 inputs are padded by `symmetric_pad` beforehand."""
+    return keras.layers.Conv2D(
+        filters,
+        kernel_size,
+        strides=strides,
+        padding=padding_mode(strides),
+        dilation_rate=dilation_rate,
+        groups=groups,
+        use_bias=False,
+        kernel_initializer=kernel_initializer(initializer),
+        name=name,
+    )
+
+
+def depthwise_conv2d(kernel_size, strides, initializer, name, dilation_rate=1):
+    return keras.layers.DepthwiseConv2D(
+        kernel_size,
+        strides=strides,
+        padding=padding_mode(strides),
+        dilation_rate=dilation_rate,
+        use_bias=False,
+        depthwise_initializer=kernel_initializer(initializer, depthwise=True),
+        name=name,
+    )
+
+
+def symmetric_pad(x, strides, pad_h, pad_w=None, value=0.0):
+    """Pads H by `pad_h` and W by `pad_w` on both sides (PyTorch's `padding=`) if strided.
+
+    At stride 1 the layers use "same" padding, which is already symmetric, so nothing is
+    padded here.
+    """
+    pad_w = pad_h if pad_w is None else pad_w
+    if padding_mode(strides) == "same" or (pad_h == 0 and pad_w == 0):
+        return x
+    return ops.pad(x, [[0, 0], [pad_h, pad_h], [pad_w, pad_w], [0, 0]], constant_values=value)
+
+
+def dense(units, fan_in, initializer, name):
+    """A classifier layer with PyTorch's `nn.Linear` initialisation of kernel and bias."""
+    if initializer == "torch":
+        kernel, bias = TorchUniform(), TorchUniform(fan_in=fan_in)
+    else:
+        kernel, bias = kernel_initializer(initializer), "zeros"
+    return keras.layers.Dense(units, kernel_initializer=kernel, bias_initializer=bias, name=name)
