@@ -238,7 +238,7 @@ class DilConv(_ConvStack):
 
 
 @_REGISTER
-class Conv7x1_1x7(_ConvStack):
+class Conv7x1_1x7(_ConvStack):  # noqa: N801 (the DARTS operation name)
     """act, full 1x7 conv (stride (1, s)), full 7x1 conv (stride (s, 1)), norm."""
 
     def __init__(self, filters, kernel_size=7, strides=1, **kwargs):
