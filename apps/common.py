@@ -14,7 +14,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 
-from pibconv_tf.errors import UserInputError  # noqa: E402
+from pibconv_tf.errors import RunError, UserInputError  # noqa: E402
 
 DATASET = flags.DEFINE_string(
     "dataset",
@@ -53,7 +53,7 @@ def run(main):
     def guarded(argv):
         try:
             return main(argv)
-        except UserInputError as error:
+        except (UserInputError, RunError) as error:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(1)
 

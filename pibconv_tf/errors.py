@@ -8,3 +8,7 @@ without a traceback and before any output is written.
 
 class UserInputError(ValueError):
     """Bad input from the user (a flag, a file, a dataset): the message is for people."""
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on (e.g. a non-finite loss): the message is for people."""
