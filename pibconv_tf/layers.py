@@ -7,6 +7,7 @@ the padding of strided convolutions (symmetric in PyTorch, asymmetric "same" in 
 """
 
 import math
+import random
 
 import keras
 from keras import ops
@@ -50,7 +51,10 @@ class TorchUniform(keras.initializers.Initializer):
         else:
             fan_in = math.prod(shape[:-1])
         bound = 1.0 / math.sqrt(max(fan_in, 1))
-        return keras.random.uniform(shape, -bound, bound, dtype=dtype, seed=self.seed)
+        # An integer seed drawn from Python's generator (which keras.utils.set_random_seed
+        # seeds) keeps initialisation repeatable without a global Keras SeedGenerator.
+        seed = self.seed if self.seed is not None else random.randint(0, 2**31 - 1)
+        return keras.random.uniform(shape, -bound, bound, dtype=dtype, seed=seed)
 
     def get_config(self):
         return {"depthwise": self.depthwise, "fan_in": self.fan_in, "seed": self.seed}
@@ -152,3 +156,9 @@ def dense(units, fan_in, initializer, name):
     else:
         kernel, bias = kernel_initializer(initializer), "zeros"
     return keras.layers.Dense(units, kernel_initializer=kernel, bias_initializer=bias, name=name)
+
+
+def build_sublayers(*pairs):
+    """Builds each (layer, input_channels) pair; convolutions and norms need only channels."""
+    for layer, channels in pairs:
+        layer.build((None, None, None, channels))

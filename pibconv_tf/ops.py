@@ -155,6 +155,9 @@ class ReLUConvBN(_ConvStack):
         self.conv = L.conv2d(filters, kernel_size, strides, self.initializer, name="conv")
         self.bn = L.norm_layer(self.norm, self.affine, name="bn")
 
+    def build(self, input_shape):
+        L.build_sublayers((self.conv, input_shape[-1]), (self.bn, self.filters))
+
     def call(self, inputs, training=None):
         x = L.activation(inputs, self.activation)
         x = L.symmetric_pad(x, self.strides, self.kernel_size // 2)
@@ -200,6 +203,17 @@ class SepConv(_ConvStack):
         self.pw_2 = L.conv2d(filters, 1, 1, init, name="pw_2")
         self.norm_2 = L.norm_layer(self.norm, self.affine, name="norm_2")
 
+    def build(self, input_shape):
+        f = self.filters
+        L.build_sublayers(
+            (self.dw_1, input_shape[-1]),
+            (self.pw_1, input_shape[-1]),
+            (self.norm_1, f),
+            (self.dw_2, f),
+            (self.pw_2, f),
+            (self.norm_2, f),
+        )
+
     def call(self, inputs, training=None):
         pad = self.kernel_size // 2
         x = L.activation(inputs, self.activation)
@@ -227,6 +241,10 @@ class DilConv(_ConvStack):
         self.pw = L.conv2d(filters, 1, 1, init, name="pw")
         self.bn = L.norm_layer(self.norm, self.affine, name="bn")
 
+    def build(self, input_shape):
+        c = input_shape[-1]
+        L.build_sublayers((self.dw, c), (self.pw, c), (self.bn, self.filters))
+
     def call(self, inputs, training=None):
         pad = self.dilation_rate * (self.kernel_size - 1) // 2
         x = L.activation(inputs, self.activation)
@@ -248,6 +266,10 @@ class Conv7x1_1x7(_ConvStack):  # noqa: N801 (the DARTS operation name)
         self.conv_1xk = L.conv2d(filters, (1, k), (1, strides), init, name="conv_1xk")
         self.conv_kx1 = L.conv2d(filters, (k, 1), (strides, 1), init, name="conv_kx1")
         self.bn = L.norm_layer(self.norm, self.affine, name="bn")
+
+    def build(self, input_shape):
+        f = self.filters
+        L.build_sublayers((self.conv_1xk, input_shape[-1]), (self.conv_kx1, f), (self.bn, f))
 
     def call(self, inputs, training=None):
         pad = self.kernel_size // 2

@@ -174,6 +174,15 @@ class ConvNeXtBlock(keras.layers.Layer):
         self.pw_expand = L.conv2d(expansion * filters, 1, 1, initializer, name="pw_expand")
         self.pw_project = L.conv2d(filters, 1, 1, initializer, name="pw_project")
 
+    def build(self, input_shape):
+        c = input_shape[-1]
+        L.build_sublayers(
+            (self.dw, c),
+            (self.norm_layer, c),
+            (self.pw_expand, c),
+            (self.pw_project, self.expansion * self.filters),
+        )
+
     def call(self, inputs, training=None):
         x = self.dw(L.symmetric_pad(inputs, self.strides, self.kernel_size // 2))
         x = self.norm_layer(x, training=training)

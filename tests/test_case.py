@@ -1,0 +1,81 @@
+"""Shared test helpers in the spirit of keras-hub's TestCase (written for this project)."""
+
+import os
+
+import keras
+import numpy as np
+from absl.testing import parameterized
+
+
+class TestCase(parameterized.TestCase):
+    """Base class: seeded, with layer and model round-trip helpers."""
+
+    def setUp(self):
+        super().setUp()
+        keras.utils.set_random_seed(1234)
+        keras.config.disable_traceback_filtering()
+
+    def assertAllClose(self, actual, expected, atol=1e-6, rtol=1e-6, msg=None):
+        np.testing.assert_allclose(
+            np.asarray(actual), np.asarray(expected), atol=atol, rtol=rtol, err_msg=msg or ""
+        )
+
+    def run_layer_test(
+        self,
+        layer_cls,
+        init_kwargs,
+        input_shape,
+        expected_output_shape,
+        expected_num_trainable_weights=None,
+        run_training_check=True,
+    ):
+        """Builds `layer_cls(**init_kwargs)` and checks symbolic and eager shapes, the config
+        round trip (same config, same outputs with copied weights) and one training step."""
+        layer = layer_cls(**init_kwargs)
+        symbolic = layer(keras.Input(input_shape[1:], batch_size=input_shape[0]))
+        self.assertEqual(tuple(symbolic.shape), tuple(expected_output_shape))
+        inputs = np.random.default_rng(0).normal(size=input_shape).astype("float32")
+        outputs = layer(inputs, training=False)
+        self.assertEqual(tuple(outputs.shape), tuple(expected_output_shape))
+        if expected_num_trainable_weights is not None:
+            self.assertLen(layer.trainable_weights, expected_num_trainable_weights)
+
+        config = layer.get_config()
+        clone = layer_cls.from_config(config)
+        clone(inputs, training=False)
+        clone.set_weights(layer.get_weights())
+        self.assertEqual(clone.get_config(), config)
+        self.assertAllClose(clone(inputs, training=False), outputs, atol=1e-6)
+        serialized = keras.saving.serialize_keras_object(layer)
+        revived = keras.saving.deserialize_keras_object(serialized)
+        self.assertIsInstance(revived, layer_cls)
+
+        if run_training_check and layer.trainable_weights:
+            self._run_training_step(layer, inputs)
+        return layer
+
+    def _run_training_step(self, layer, inputs):
+        model = keras.Sequential([keras.Input(inputs.shape[1:]), layer])
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        before = [w.numpy().copy() for w in layer.trainable_weights]
+        targets = np.ones(model.output_shape[1:], "float32")[None].repeat(len(inputs), 0)
+        model.fit(inputs, targets, batch_size=len(inputs), epochs=1, verbose=0)
+        changed = [
+            not np.allclose(b, w.numpy())
+            for b, w in zip(before, layer.trainable_weights, strict=True)
+        ]
+        self.assertTrue(any(changed), "one training step changed no trainable weight")
+
+    def run_model_saving_test(self, model, inputs):
+        """`.keras` save/load gives identical outputs."""
+        path = os.path.join(self.create_tempdir().full_path, "model.keras")
+        expected = model(inputs, training=False)
+        model.save(path)
+        restored = keras.saving.load_model(path)
+        actual = restored(inputs, training=False)
+        if isinstance(expected, dict):
+            for key in expected:
+                np.testing.assert_array_equal(np.asarray(actual[key]), np.asarray(expected[key]))
+        else:
+            np.testing.assert_array_equal(np.asarray(actual), np.asarray(expected))
+        return restored

@@ -1,0 +1,122 @@
+"""Every operation of every search space: shapes, serialization, training, PyTorch parity."""
+
+import keras
+import numpy as np
+import pytest
+from absl.testing import parameterized
+
+from pibconv_tf import layers as L
+from pibconv_tf import ops as ops_lib
+from tests import test_case, torch_reference
+
+_SPACE_OPS = [
+    (f"{space}_{op}_s{strides}", space, op, strides)
+    for space, definition in ops_lib.SEARCH_SPACES.items()
+    for op in definition.primitives
+    for strides in (1, 2)
+]
+
+
+def _randomize_norms(op, rng):
+    """Gives BatchNorm non-trivial moving statistics so inference-mode parity means something."""
+    for weight in op.weights:
+        if "moving_variance" in weight.path:
+            weight.assign(rng.uniform(0.5, 2.0, weight.shape).astype("float32"))
+        elif "moving_mean" in weight.path or "gamma" in weight.path or "beta" in weight.path:
+            weight.assign(rng.normal(0, 0.5, weight.shape).astype("float32"))
+
+
+class OpsTest(test_case.TestCase):
+    @parameterized.named_parameters(_SPACE_OPS)
+    def test_op_matches_pytorch(self, space, op_name, strides):
+        filters, size = 6, 9  # an odd size exercises the padding of stride-2 grids
+        op = ops_lib.make_op(op_name, filters, strides, affine=True, search_space=space)
+        x = np.random.default_rng(1).normal(size=(2, size, size, filters)).astype("float32")
+        op(x)
+        _randomize_norms(op, np.random.default_rng(2))
+        for training in (False, True):
+            expected = torch_reference.reference(op, torch_reference.to_torch(x), training)
+            actual = op(x, training=training)
+            self.assertAllClose(
+                actual,
+                torch_reference.to_nhwc(expected),
+                atol=2e-5,
+                rtol=2e-4,
+                msg=f"{op_name} stride {strides} training={training}",
+            )
+        expected_size = (size + strides - 1) // strides
+        self.assertEqual(tuple(actual.shape), (2, expected_size, expected_size, filters))
+
+    @parameterized.named_parameters(_SPACE_OPS)
+    def test_op_layer_contract(self, space, op_name, strides):
+        op = ops_lib.make_op(op_name, 4, strides, affine=False, search_space=space)
+        size = 8 // strides
+        self.run_layer_test(type(op), op.get_config(), (2, 8, 8, 4), (2, size, size, 4))
+
+    def test_affine_false_has_no_norm_parameters(self):
+        op = ops_lib.make_op("sep_conv_3x3", 4, 1, affine=False, search_space="darts")
+        op(np.zeros((1, 8, 8, 4), "float32"))
+        # 2 depthwise + 2 pointwise kernels, no gamma/beta.
+        self.assertLen(op.trainable_weights, 4)
+
+    def test_max_pool_never_picks_padding(self):
+        pool = ops_lib.Pool3x3("max", strides=2)
+        x = -np.ones((1, 4, 4, 1), "float32")  # all negative: a zero pad would win
+        self.assertAllClose(pool(x), -np.ones((1, 2, 2, 1)))
+
+    def test_avg_pool_excludes_padding_from_count(self):
+        pool = ops_lib.Pool3x3("avg", strides=2)
+        self.assertAllClose(pool(np.ones((1, 5, 5, 1), "float32")), np.ones((1, 3, 3, 1)))
+
+    def test_stride_two_grid_is_symmetric(self):
+        # A centred impulse stays centred under a stride-2 3x3 box filter on a 5x5 grid.
+        op = ops_lib.make_op("avg_pool_3x3", 1, 2, affine=True, search_space="darts")
+        x = np.zeros((1, 5, 5, 1), "float32")
+        x[0, 2, 2, 0] = 9.0
+        y = np.asarray(op(x))[0, :, :, 0]
+        self.assertAllClose(y, y[::-1, ::-1])
+
+    def test_gelu_is_exact_erf(self):
+        x = keras.ops.convert_to_tensor([-1.5, 0.3, 2.0])
+        from math import erf, sqrt
+
+        expected = [v * 0.5 * (1 + erf(v / sqrt(2))) for v in (-1.5, 0.3, 2.0)]
+        self.assertAllClose(L.activation(x, "gelu"), expected, atol=1e-7)
+
+    def test_batch_norm_uses_pytorch_numerics(self):
+        bn = L.batch_norm(True, "bn")
+        self.assertEqual((bn.epsilon, bn.momentum), (1e-5, 0.9))
+
+    def test_torch_uniform_bounds(self):
+        conv = L.TorchUniform()((3, 3, 8, 16))
+        depthwise = L.TorchUniform(depthwise=True)((5, 5, 8, 1))
+        self.assertLessEqual(float(np.abs(conv).max()), 1 / np.sqrt(72))
+        self.assertGreater(float(np.abs(conv).max()), 0.9 / np.sqrt(72))
+        self.assertLessEqual(float(np.abs(depthwise).max()), 1 / np.sqrt(25))
+        self.assertGreater(float(np.abs(depthwise).max()), 0.8 / np.sqrt(25))
+
+    def test_search_space_definitions(self):
+        pib = ops_lib.get_search_space("pibconv").primitives
+        self.assertEqual(
+            pib,
+            (
+                "none",
+                "skip_connect",
+                "pib_conv_3x3",
+                "pib_conv_5x5",
+                "pib_conv_7x7",
+                "dil_conv_3x3",
+                "dil_conv_5x5",
+                "conv_7x1_1x7",
+                "max_pool_3x3",
+                "avg_pool_3x3",
+            ),
+        )
+        self.assertLen(ops_lib.get_search_space("darts").primitives, 8)
+        self.assertEqual(ops_lib.get_search_space("darts_gelu_ln").norm, "ln")
+
+    def test_unknown_names_fail_clearly(self):
+        with pytest.raises(ValueError, match="Unknown search space 'nope'"):
+            ops_lib.get_search_space("nope")
+        with pytest.raises(ValueError, match="'pib_conv_3x3' is not in search space 'darts'"):
+            ops_lib.make_op("pib_conv_3x3", 4, 1, True, search_space="darts")
