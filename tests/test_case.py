@@ -1,6 +1,7 @@
 """Shared test helpers in the spirit of keras-hub's TestCase (written for this project)."""
 
 import os
+import tempfile
 
 import keras
 import numpy as np
@@ -68,10 +69,12 @@ class TestCase(parameterized.TestCase):
 
     def run_model_saving_test(self, model, inputs):
         """`.keras` save/load gives identical outputs."""
-        path = os.path.join(self.create_tempdir().full_path, "model.keras")
         expected = model(inputs, training=False)
-        model.save(path)
-        restored = keras.saving.load_model(path)
+        # absl's create_tempdir needs parsed flags, which pytest does not provide.
+        with tempfile.TemporaryDirectory() as directory:
+            path = os.path.join(directory, "model.keras")
+            model.save(path)
+            restored = keras.saving.load_model(path)
         actual = restored(inputs, training=False)
         if isinstance(expected, dict):
             for key in expected:
