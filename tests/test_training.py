@@ -1,0 +1,263 @@
+"""Tests for pibconv_tf/training.py (the evaluation trainer) and apps/train.py.
+
+Networks are tiny (C=4..8, one cell, 8x8 images); apps run as subprocesses.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from pibconv_tf import cells, data, genotypes, networks, optim, training
+from pibconv_tf.errors import RunError, UserInputError
+from tests.test_case import TestCase
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 8  # image side: the smallest the data module accepts
+POOLS = genotypes.Genotype(
+    normal=(("avg_pool_3x3", 0), ("avg_pool_3x3", 1)),
+    normal_concat=(2,),
+    reduce=(("avg_pool_3x3", 0), ("avg_pool_3x3", 1)),
+    reduce_concat=(2,),
+)
+
+
+def run_app(app, *args):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run(
+        [sys.executable, "-m", f"apps.{app}", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+
+
+def temp_dir(test):
+    """A fresh directory removed after `test` (absl's create_tempdir needs parsed flags)."""
+    path = tempfile.mkdtemp(prefix="pibconv_test_")
+    test.addCleanup(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def tiny_config(model_dir, **overrides):
+    values = dict(
+        genotype="PIBCONV",
+        dataset="digits",
+        image_size=SIZE,
+        init_channels=4,
+        layers=1,
+        epochs=2,
+        batch_size=8,
+        cutout_length=4,
+        steps_per_epoch=2,
+        model_dir=str(model_dir),
+        verbose=0,
+    )
+    return training.TrainConfig(**{**values, **overrides})
+
+
+def digits_batch(count=32, size=8):
+    source = data.load_source("digits", image_size=size)
+    images, labels = source.numpy("train", limit=count)
+    return data.normalize(images, source.info).numpy(), labels
+
+
+class StopAfter(keras.callbacks.Callback):
+    """Simulates a crash at the end of an epoch, after its checkpoint was saved."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.epoch:
+            raise KeyboardInterrupt("simulated crash")
+
+
+class TrainerTest(TestCase):
+    def test_overfits_32_images(self):
+        images, labels = digits_batch(32)
+        network = networks.network_cifar(
+            genotypes.PIBCONV, init_channels=8, layers=1, auxiliary=True, image_size=SIZE
+        )
+        trainer = training.AuxiliaryTrainer(network, auxiliary_weight=0.4)
+        trainer.compile(optimizer=optim.TorchSGD(0.05, 0.9, global_clipnorm=5.0))
+        first = trainer.evaluate(images, labels, verbose=0, return_dict=True)
+        history = trainer.fit(images, labels, batch_size=8, epochs=30, verbose=0)
+        final = trainer.evaluate(images, labels, verbose=0, return_dict=True)
+        self.assertLess(history.history["loss"][-1], history.history["loss"][0] / 10)
+        self.assertLess(final["loss"], first["loss"] / 10)
+        self.assertEqual(final["accuracy"], 1.0)
+
+    def test_loss_adds_weighted_auxiliary_cross_entropy(self):
+        images, labels = digits_batch(8)
+        network = networks.network_cifar(
+            genotypes.PIBCONV, init_channels=4, layers=1, auxiliary=True, image_size=SIZE
+        )
+        outputs = network(images, training=True)  # drop path is 0: deterministic
+        ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        main = float(ce(labels, outputs["logits"]))
+        aux = float(ce(labels, outputs["aux_logits"]))
+        self.assertNotAlmostEqual(main, aux, places=3)
+        for weight in (0.0, 0.4, 1.5):
+            trainer = training.AuxiliaryTrainer(network, auxiliary_weight=weight)
+            loss, logits = trainer.losses_of(labels, outputs)
+            self.assertAllClose(loss, main + weight * aux, atol=1e-5, rtol=1e-5)
+            self.assertAllClose(logits, outputs["logits"])
+        # The compiled train step reports the same loss (lr 0 keeps the weights put).
+        trainer = training.AuxiliaryTrainer(network, auxiliary_weight=0.4)
+        trainer.compile(optimizer=optim.TorchSGD(0.0))
+        logs = trainer.train_on_batch(images, labels, return_dict=True)
+        self.assertAllClose(logs["loss"], main + 0.4 * aux, atol=1e-5, rtol=1e-5)
+
+    def test_auxiliary_weight_zero_builds_no_head(self):
+        images, labels = digits_batch(8)
+        config = tiny_config(None, auxiliary_weight=0.0)
+        network, trainer, _ = training.build_trainer(config, genotypes.PIBCONV, 10, SIZE)
+        self.assertNotIsInstance(network.output, dict)
+        logits = network(images, training=True)
+        loss, _ = trainer.losses_of(labels, logits)
+        expected = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(labels, logits)
+        self.assertAllClose(loss, expected, atol=1e-6, rtol=1e-6)
+
+    def test_drop_path_zeroes_whole_samples_at_rate(self):
+        x = tf.ones((4000, 2, 2, 3))
+        y = cells.drop_path(x, 0.5, keras.random.SeedGenerator(3)).numpy()
+        per_sample = y.reshape(len(y), -1)
+        # Each sample is all zeros or all 1/(1-rate): whole samples drop.
+        self.assertTrue(np.all((per_sample == 0).all(1) | (per_sample == 2).all(1)))
+        dropped = (per_sample == 0).all(1).mean()
+        self.assertAlmostEqual(dropped, 0.5, delta=4 * np.sqrt(0.25 / len(y)))
+
+    def test_cell_drop_path_in_training_identity_at_inference(self):
+        cell = cells.Cell(POOLS, filters=4, seed=0)
+        s0, s1 = (tf.random.normal((2000, 8, 8, 4), seed=i) for i in (1, 2))
+        cell([s0, s1])
+        reference = cell([s0, s1], training=True).numpy()  # rate 0: no drop
+        inference = cell([s0, s1], training=False).numpy()
+        cells.set_drop_path_rate(keras.Sequential([cell]), 0.5)
+        self.assertAllClose(cell([s0, s1], training=False), inference)
+        dropped = cell([s0, s1], training=True).numpy()
+        # The node is pool(pre0(s0)) + pool(pre1(s1)); find each term's keep mask per sample.
+        terms = [
+            cell.edge_ops[i](pre(s, training=True)).numpy()
+            for i, (pre, s) in enumerate(((cell.preprocess0, s0), (cell.preprocess1, s1)))
+        ]
+        self.assertAllClose(reference, terms[0] + terms[1], atol=1e-5)
+        masks = [(m0, m1) for m0 in (0, 1) for m1 in (0, 1)]
+        candidates = np.stack([2 * (m0 * terms[0] + m1 * terms[1]) for m0, m1 in masks])
+        errors = np.abs(candidates - dropped[None]).reshape(4, len(dropped), -1).max(-1)
+        self.assertTrue(np.all(errors.min(0) < 1e-4), "a sample is not a whole-term drop")
+        kept = np.array(masks)[errors.argmin(0)]
+        self.assertAlmostEqual(kept.mean(), 0.5, delta=4 * np.sqrt(0.25 / kept.size))
+
+    def test_export_is_logits_only_float32_and_round_trips(self):
+        images, labels = digits_batch(8)
+        config = tiny_config(None, mixed_precision="mixed_bfloat16")
+        with training.dtype_policy(config.mixed_precision):
+            network, trainer, _ = training.build_trainer(config, genotypes.PIBCONV, 10, SIZE)
+        trainer.train_on_batch(images, labels)
+        cells.set_drop_path_rate(network, 0.3)
+        info = data.load_source("digits", image_size=SIZE).info
+        export = training.ModelExport(
+            network, lambda: training._inference_network(config, genotypes.PIBCONV, info)
+        )
+        path = os.path.join(temp_dir(self), "model.keras")
+        export.save(path)
+        restored = keras.saving.load_model(path)
+        self.assertEqual(restored.output.dtype, "float32")
+        self.assertNotIsInstance(restored.output, dict)
+        for layer in restored.layers:
+            if isinstance(layer, cells.Cell):
+                self.assertEqual(float(layer.drop_path_rate.numpy()), 0.0)
+        expected = export.model()(images, training=False)
+        np.testing.assert_array_equal(restored(images, training=False), expected)
+        # Same weights as the trained network (up to its bfloat16 compute).
+        trained = networks.inference_model(network)(images, training=False)
+        self.assertAllClose(expected, tf.cast(trained, "float32"), atol=0.1, rtol=0.1)
+
+    def test_config_validation_names_the_field(self):
+        for field, value in (
+            ("init_channels", 5),
+            ("epochs", 0),
+            ("drop_path_prob", 1.0),
+            ("auxiliary_weight", -1.0),
+            ("mixed_precision", "float8"),
+        ):
+            with self.assertRaisesRegex(UserInputError, field):
+                training.TrainConfig(**{field: value}).validate()
+
+    def test_schedules(self):
+        config = training.TrainConfig(epochs=600)
+        schedule = training.lr_schedule(config)
+        self.assertAllClose(schedule.at_epoch(0), 0.025)
+        self.assertAllClose(schedule.at_epoch(300), 0.0125, atol=1e-7)
+        self.assertAllClose(training.drop_path_rate(config, 300), 0.1)
+        self.assertEqual(training.drop_path_rate(config, 0), 0.0)
+
+
+class TrainRunTest(TestCase):
+    @pytest.mark.slow
+    def test_resume_continues_epochs_and_schedule(self):
+        root = Path(temp_dir(self))
+        straight = training.train(tiny_config(root / "straight"))
+        with self.assertRaises(KeyboardInterrupt):
+            training.train(tiny_config(root / "split"), extra_callbacks=[StopAfter(1)])
+        self.assertFalse((root / "split" / training.MODEL).exists())
+        with self.assertRaisesRegex(UserInputError, "layers"):
+            training.train(tiny_config(root / "split", layers=2, resume=True))
+        resumed = training.train(tiny_config(root / "split", resume=True))
+        records = {}
+        for run in ("straight", "split"):
+            lines = (root / run / "metrics.jsonl").read_text().splitlines()
+            records[run] = [json.loads(line) for line in lines]
+        self.assertEqual([r["epoch"] for r in records["split"]], [1, 2])
+        for key in ("epoch", "learning_rate", "drop_path_prob"):
+            self.assertEqual(
+                [r[key] for r in records["split"]], [r[key] for r in records["straight"]]
+            )
+        self.assertAllClose(records["split"][0]["loss"], records["straight"][0]["loss"])
+        self.assertEqual(resumed["epochs"], straight["epochs"])
+        for run in ("straight", "split"):
+            for name in ("model.keras", "model_best.keras", "genotype.json", "dataset.json"):
+                self.assertTrue((root / run / name).exists(), f"{run}/{name}")
+        self.assertEqual(
+            json.loads((root / "split" / "dataset.json").read_text())["class_names"],
+            [str(d) for d in range(10)],
+        )
+
+    def test_non_finite_loss_stops_and_keeps_checkpoint(self):
+        root = Path(temp_dir(self))
+        config = tiny_config(root / "run", learning_rate=1e12, grad_clip=0.0, epochs=3)
+        with self.assertRaisesRegex(RunError, "non-finite"):
+            training.train(config)
+        self.assertFalse((root / "run" / training.MODEL).exists())
+
+
+class TrainAppTest(TestCase):
+    def test_unknown_genotype(self):
+        model_dir = Path(temp_dir(self)) / "run"
+        result = run_app("train", "--genotype=NOPE", "--dataset=digits", f"--model_dir={model_dir}")
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertIn("error: Genotype 'NOPE' is neither a named genotype", result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertFalse(model_dir.exists())
+
+    def test_non_empty_model_dir_is_refused_untouched(self):
+        model_dir = Path(temp_dir(self))
+        (model_dir / "notes.txt").write_text("keep me")
+        result = run_app("train", "--dataset=digits", f"--model_dir={model_dir}", "--layers=2")
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertIn("is not empty; pass --resume", result.stderr)
+        self.assertEqual(sorted(os.listdir(model_dir)), ["notes.txt"])
+        self.assertEqual((model_dir / "notes.txt").read_text(), "keep me")
