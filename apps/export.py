@@ -1,0 +1,127 @@
+"""Exports a trained model.keras as a SavedModel and TFLite models, with a parity report.
+
+python -m apps.export --model=runs/pibconv_l20/model.keras --output_dir=runs/pibconv_l20/export \
+    --dataset=cifar10
+
+Offline, on a model trained on the embedded digits:
+python -m apps.export --model=runs/digits_l2/model.keras --output_dir=runs/digits_l2/export \
+    --dataset=digits --benchmark_runs=100
+
+The exported models take raw RGB pixels (0..255) and normalise inside with the statistics of
+`dataset.json` next to the model (or --mean/--std, or the --dataset's). --dataset supplies the
+calibration images of tflite_int8 (train split) and the parity images (test split); without
+it, parity runs on random pixels and tflite_int8 cannot be built (the default --formats
+then leave it out). Outputs are listed in
+`pibconv_tf/export.py`; float32 artifacts that differ from Keras fail the export (exit 1).
+"""
+
+from apps import common  # noqa: I001 (first: quiets TensorFlow before it loads)
+
+from absl import flags, logging
+
+from pibconv_tf import export, export_tflite, pib_conv
+from pibconv_tf.errors import UserInputError
+
+FLAGS = flags.FLAGS
+_MODEL = flags.DEFINE_string("model", None, "The logits-only model.keras written by training.")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Directory receiving the artifacts.")
+_FORMATS = flags.DEFINE_list("formats", list(export.FORMATS), "Artifacts to write.")
+_MEAN = flags.DEFINE_list("mean", None, "Per-channel mean, 0..1 scale (overrides dataset.json).")
+_STD = flags.DEFINE_list("std", None, "Per-channel std, 0..1 scale (overrides dataset.json).")
+_CLASS_NAMES = flags.DEFINE_list("class_names", None, "Class names (overrides dataset.json).")
+_CALIBRATION_IMAGES = flags.DEFINE_integer(
+    "calibration_images", 300, "Train images calibrating the full-integer model."
+)
+_PARITY_IMAGES = flags.DEFINE_integer("parity_images", 200, "Test images of the parity report.")
+_INT8_IO = flags.DEFINE_bool(
+    "int8_io", True, "Integer input and output for tflite_int8 (else float32 in and out)."
+)
+_INT8_IO_TYPE = flags.DEFINE_enum(
+    "int8_io_type", "uint8", list(export_tflite.INT8_IO_TYPES), "Integer type of --int8_io."
+)
+_PIB_IMPLEMENTATION = flags.DEFINE_enum(
+    "pib_implementation",
+    export.DEFAULT_PIB_IMPLEMENTATION,
+    list(pib_conv.IMPLEMENTATIONS),
+    "How TFLite computes PIBConv's grouped convolution (same numbers; depthwise is faster).",
+)
+_TFLITE_BATCH_SIZE = flags.DEFINE_integer("tflite_batch_size", 1, "Fixed TFLite batch size.")
+_FP32_TOLERANCE = flags.DEFINE_float(
+    "fp32_tolerance", 1e-4, "Max |logit difference| of float32 artifacts against Keras."
+)
+_BENCHMARK_RUNS = flags.DEFINE_integer(
+    "benchmark_runs", 0, "Time each TFLite model and Keras over this many runs (0: skip)."
+)
+_BENCHMARK_WARMUP = flags.DEFINE_integer("benchmark_warmup", 10, "Untimed runs first.")
+_BENCHMARK_THREADS = flags.DEFINE_list("benchmark_threads", ["1", "2"], "LiteRT thread counts.")
+
+
+def _floats(flag, values):
+    if values is None:
+        return None
+    try:
+        return tuple(float(v) for v in values)
+    except ValueError as error:
+        raise UserInputError(f"--{flag} must be numbers, got {','.join(values)}.") from error
+
+
+def _threads(values):
+    try:
+        threads = tuple(int(v) for v in values)
+    except ValueError as error:
+        raise UserInputError(
+            f"--benchmark_threads must be whole numbers, got {','.join(values)}."
+        ) from error
+    if not threads or min(threads) < 1:
+        raise UserInputError(f"--benchmark_threads must be >= 1, got {','.join(values)}.")
+    return threads
+
+
+def config_from_flags():
+    if not _MODEL.value or not _OUTPUT_DIR.value:
+        raise UserInputError("--model and --output_dir are required.")
+    # --dataset has a default (cifar10) for the training apps; here it is opt-in.
+    dataset = common.DATASET.value if common.DATASET.present else None
+    formats = tuple(_FORMATS.value)
+    if not _FORMATS.present and dataset is None:
+        formats = tuple(f for f in formats if f != "tflite_int8")
+        logging.warning("No --dataset to calibrate with: tflite_int8 is left out.")
+    return export.ExportConfig(
+        model=_MODEL.value,
+        output_dir=_OUTPUT_DIR.value,
+        formats=formats,
+        dataset=dataset,
+        data_dir=common.DATA_DIR.value,
+        seed=common.SEED.value,
+        image_size=common.IMAGE_SIZE.value if common.IMAGE_SIZE.present else None,
+        mean=_floats("mean", _MEAN.value),
+        std=_floats("std", _STD.value),
+        class_names=tuple(_CLASS_NAMES.value) if _CLASS_NAMES.value else None,
+        calibration_images=_CALIBRATION_IMAGES.value,
+        parity_images=_PARITY_IMAGES.value,
+        int8_io=_INT8_IO.value,
+        int8_io_type=_INT8_IO_TYPE.value,
+        pib_implementation=_PIB_IMPLEMENTATION.value,
+        tflite_batch_size=_TFLITE_BATCH_SIZE.value,
+        fp32_tolerance=_FP32_TOLERANCE.value,
+        benchmark_runs=_BENCHMARK_RUNS.value,
+        benchmark_warmup=_BENCHMARK_WARMUP.value,
+        benchmark_threads=_threads(_BENCHMARK_THREADS.value),
+        overwrite=common.OVERWRITE.value,
+    )
+
+
+def main(argv):
+    del argv
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # TensorFlow's SavedModel writer logs at INFO
+    config = config_from_flags()
+    report = export.export_model(config)
+    print(export_tflite.format_parity(report))
+    if "latency" in report:
+        print(export_tflite.format_latency(report["latency"]))
+    print(f"Exported {', '.join(config.formats)} to {config.output_dir}")
+
+
+if __name__ == "__main__":
+    common.run(main)
