@@ -39,7 +39,7 @@ matplotlib.use("Agg")  # files only: never open a window
 from matplotlib import colormaps  # noqa: E402
 from matplotlib import pyplot as plt  # noqa: E402
 
-from pibconv_tf import data, networks  # noqa: E402 (networks registers the layers)
+from pibconv_tf import data, networks, plots  # noqa: E402 (networks registers the layers)
 from pibconv_tf.errors import UserInputError  # noqa: E402
 from pibconv_tf.rundir import write_json_atomic  # noqa: E402
 
@@ -445,15 +445,6 @@ def gradcam_figure(images, titles, rows, upsample=224, alpha=0.5, method="gradca
     return figure
 
 
-def save_figure(figure, path, dpi=100):
-    """Writes `figure` to `path` (format from its suffix) atomically, then closes it."""
-    path = pathlib.Path(path)
-    tmp = path.with_name(f".tmp-{path.name}")
-    figure.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".").lower())
-    plt.close(figure)
-    os.replace(tmp, path)
-
-
 def run_gradcam(config):
     """Explains images with every model and writes the grid, the maps and the config.
 
@@ -479,7 +470,7 @@ def run_gradcam(config):
     )
     output = pathlib.Path(config.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    save_figure(figure, output)
+    plots.save_figure(figure, output)
     maps_path = output.with_suffix(".npz")
     np.savez_compressed(
         maps_path,
