@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pibconv_tf import cells, data, genotypes, networks, optim, training
+from pibconv_tf import cells, data, genotypes, networks, optim, train_benchmark, training
 from pibconv_tf.errors import RunError, UserInputError
 from tests.test_case import TestCase
 
@@ -91,7 +91,9 @@ class TrainerTest(TestCase):
             genotypes.PIBCONV, init_channels=8, layers=1, auxiliary=True, image_size=SIZE
         )
         trainer = training.AuxiliaryTrainer(network, auxiliary_weight=0.4)
-        trainer.compile(optimizer=optim.TorchSGD(0.05, 0.9, global_clipnorm=5.0))
+        optimizer = optim.TorchSGD(0.05, 0.9, global_clipnorm=5.0)
+        trainer.compile(optimizer=optimizer)
+        optimizer.build(network.trainable_variables)  # else the first step traces twice
         first = trainer.evaluate(images, labels, verbose=0, return_dict=True)
         history = trainer.fit(images, labels, batch_size=8, epochs=30, verbose=0)
         final = trainer.evaluate(images, labels, verbose=0, return_dict=True)
@@ -196,6 +198,19 @@ class TrainerTest(TestCase):
         ):
             with self.assertRaisesRegex(UserInputError, field):
                 training.TrainConfig(**{field: value}).validate()
+
+    def test_benchmark_train_step(self):
+        stats = train_benchmark.benchmark_train_step(
+            "PIBCONV", layers=1, init_channels=4, batch_size=2, steps=2, warmup=1, image_size=SIZE
+        )
+        self.assertLen(stats["step_seconds"], 2)
+        self.assertAllClose(
+            stats["images_per_second"], 2 / np.median(stats["step_seconds"]), rtol=1e-3
+        )
+        self.assertEqual(
+            (stats["genotype"], stats["layers"], stats["auxiliary"]), ("PIBCONV", 1, True)
+        )
+        self.assertGreater(stats["first_step_seconds"], stats["seconds_per_step"])
 
     def test_schedules(self):
         config = training.TrainConfig(epochs=600)
