@@ -19,8 +19,8 @@ Reference:
     Selvaraju et al., Grad-CAM, ICCV 2017; Ahmadian et al., arXiv 2301.01286 (Fig. 5).
 """
 
-import contextlib
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -158,20 +158,6 @@ def read_image_files(paths, size):
     return np.stack(images)
 
 
-@contextlib.contextmanager
-def _quiet_keras():
-    """No progress bars (ScoreCAM calls `predict`) and no input-structure warnings."""
-    interactive = keras.config.is_interactive_logging_enabled()
-    keras.config.disable_interactive_logging()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*structure of `inputs`.*")
-            yield
-    finally:
-        if interactive:
-            keras.config.enable_interactive_logging()
-
-
 def split_at(model, layer):
     """(features, head) models around `layer`, or None if the rest needs other tensors too.
 
@@ -194,7 +180,13 @@ def split_at(model, layer):
 
 
 def _visualizer(method, model):
-    classes = {"gradcam": Gradcam, "gradcam++": GradcamPlusPlus, "scorecam": Scorecam}
+    if method == "scorecam":
+        # ScoreCAM calls `model.predict` with Keras' default progress bar; give it a view of
+        # the model (same layers and weights) whose predict is silent.
+        view = keras.Model(model.inputs, model.outputs, name=f"{model.name}_view")
+        view.predict = functools.partial(view.predict, verbose=0)
+        return Scorecam(view, clone=False)
+    classes = {"gradcam": Gradcam, "gradcam++": GradcamPlusPlus}
     return classes[method](model, clone=False)
 
 
@@ -231,7 +223,9 @@ def class_activation_maps(
     images = np.asarray(images, np.float32)
     classes = np.asarray(classes, np.int64)
     maps = []
-    with _quiet_keras():
+    with warnings.catch_warnings():
+        # tf-keras-vis feeds a list of one tensor to our one-input models: harmless.
+        warnings.filterwarnings("ignore", message=".*structure of `inputs`.*")
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size]
             seed = batch if split is None else split[0](batch, training=False)
