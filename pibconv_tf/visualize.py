@@ -91,7 +91,8 @@ def load_classifier(spec, label=None):
     try:
         model = keras.saving.load_model(path, compile=False)
     except (OSError, ValueError, TypeError, KeyError) as error:
-        raise UserInputError(f"Model {str(path)!r} cannot be loaded: {error}.") from error
+        reason = str(error).strip().rstrip(".")
+        raise UserInputError(f"Model {str(path)!r} cannot be loaded: {reason}.") from error
     if isinstance(model.output, dict):
         model = networks.inference_model(model)
     if len(model.inputs) != 1 or len(model.input_shape) != 4:
