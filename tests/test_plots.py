@@ -222,6 +222,7 @@ def _picture(path):
     return picture
 
 
+@pytest.mark.slow
 def test_app_draws_every_figure(search_dir, tmp_path):
     path, alphas, history = search_dir
     sweep = _write_sweep(tmp_path / "sweep", "PIBCONV", 90.0)

@@ -221,6 +221,7 @@ def test_app_on_image_files_finds_the_squares(square_model, tmp_path):
     assert picture.std() > 10 and (picture < 250).any()
 
 
+@pytest.mark.slow
 def test_app_bad_input_fails_with_one_sentence(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
