@@ -58,7 +58,10 @@ class FactorizedReduce(keras.layers.Layer):
     ReLU, then `filters // 2` channels from a 1x1 stride-2 convolution of x and
     `filters // 2` from one of x shifted by one pixel, concatenated, then BatchNorm. For odd
     sizes the shifted input is zero-padded at the bottom/right so both halves agree (as in
-    the PIBConv code; DARTS fails there).
+    the PIBConv code; DARTS fails there). A 1x1 stride-2 convolution is computed as a
+    subsampling followed by a 1x1 convolution: the same numbers, a quarter of the work, and
+    it avoids oneDNN's strided 1x1 filter gradient, which aborts the process in TF 2.21 for
+    some odd batch sizes.
 
     Args:
         filters: output channels (even).
@@ -73,8 +76,8 @@ class FactorizedReduce(keras.layers.Layer):
         self.filters = filters
         self.affine = affine
         self.initializer = initializer
-        self.conv_1 = L.conv2d(filters // 2, 1, 2, initializer, name="conv_1")
-        self.conv_2 = L.conv2d(filters // 2, 1, 2, initializer, name="conv_2")
+        self.conv_1 = L.conv2d(filters // 2, 1, 1, initializer, name="conv_1")
+        self.conv_2 = L.conv2d(filters // 2, 1, 1, initializer, name="conv_2")
         self.bn = L.batch_norm(affine, name="bn")
 
     def build(self, input_shape):
@@ -86,7 +89,9 @@ class FactorizedReduce(keras.layers.Layer):
     def call(self, inputs, training=None):
         x = ops.relu(inputs)
         shifted = ops.pad(x[:, 1:, 1:, :], [[0, 0], [0, 1], [0, 1], [0, 0]])
-        x = ops.concatenate([self.conv_1(x), self.conv_2(shifted)], axis=-1)
+        even = self.conv_1(x[:, ::2, ::2, :])
+        odd = self.conv_2(shifted[:, ::2, ::2, :])
+        x = ops.concatenate([even, odd], axis=-1)
         return self.bn(x, training=training)
 
     def compute_output_shape(self, input_shape):
