@@ -243,6 +243,12 @@ class AuxiliaryTrainer(keras.Model):
             replicas = tf.distribute.get_strategy().num_replicas_in_sync
             scaled = self.optimizer.scale_loss(loss / replicas)
         gradients = tape.gradient(scaled, variables)
+        if replicas > 1:
+            # Keras clips each replica's gradients before it sums them. Summing first and
+            # passing the mean (clipped at grad_clip / replicas, see `make_optimizer`) clips
+            # the global gradient at grad_clip, as one device would.
+            context = tf.distribute.get_replica_context()
+            gradients = [g / replicas for g in context.all_reduce("sum", gradients)]
         self.optimizer.apply_gradients(zip(gradients, variables, strict=True))
         self.loss_tracker.update_state(loss, sample_weight=ops.shape(labels)[0])
         self.accuracy.update_state(labels, logits)
@@ -281,18 +287,20 @@ def _cross_entropy(labels, logits):
     return ops.mean(ops.sparse_categorical_crossentropy(labels, logits, from_logits=True))
 
 
-def make_optimizer(config):
+def make_optimizer(config, replicas=1):
     """`optim.TorchSGD` with the config's hyper-parameters; float16 gets loss scaling.
 
     The learning rate is a variable that `EpochSchedule` sets at each epoch's start from
     `lr_schedule(config)` (DARTS steps its cosine per epoch), so the schedule depends on the
-    epoch alone, not on step counts (which loss scaling's skipped steps would shift).
+    epoch alone, not on step counts (which loss scaling's skipped steps would shift). With
+    several replicas the clip norm is divided by their number: each replica then clips the
+    all-reduced gradient divided by the replicas (see `AuxiliaryTrainer.train_step`).
     """
     optimizer = optim.TorchSGD(
         learning_rate=config.learning_rate,
         momentum=config.momentum,
         coupled_weight_decay=config.weight_decay,
-        global_clipnorm=config.grad_clip or None,
+        global_clipnorm=config.grad_clip / replicas if config.grad_clip else None,
     )
     if config.mixed_precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
@@ -323,7 +331,7 @@ def build_trainer(config, genotype, num_classes, image_size):
         seed=config.seed,
     )
     trainer = AuxiliaryTrainer(network, config.auxiliary_weight)
-    optimizer = make_optimizer(config)
+    optimizer = make_optimizer(config, tf.distribute.get_strategy().num_replicas_in_sync)
     trainer.compile(optimizer=optimizer, jit_compile=config.jit_compile)
     # Built now so that a checkpoint restores the momentum buffers instead of deferring.
     optimizer.build(network.trainable_variables)

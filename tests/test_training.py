@@ -259,6 +259,64 @@ class TrainRunTest(TestCase):
         self.assertFalse((root / "run" / training.MODEL).exists())
 
 
+MIRRORED_SCRIPT = """
+import numpy as np, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+from pibconv_tf import data, distribute, genotypes, training
+config = training.TrainConfig(init_channels=4, layers=1, grad_clip=0.01, weight_decay=3e-4)
+source = data.load_source("digits", image_size=8)
+images, labels = source.numpy("train", limit=8)
+images = data.normalize(images, source.info).numpy()
+
+def build(strategy):
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        return training.build_trainer(config, genotypes.PIBCONV, 10, 8)
+
+# Reference: the mean of the two half-batch gradients (each with its own batch statistics,
+# as on two devices), clipped as a whole, then PyTorch's first SGD step.
+network, trainer, _ = build(distribute.get_strategy("one_device", ["/cpu:0"]))
+weights = [v.numpy() for v in network.trainable_variables]
+halves = []
+for part in (slice(0, 4), slice(4, 8)):
+    with tf.GradientTape() as tape:
+        loss, _ = trainer.losses_of(labels[part], network(images[part], training=True))
+    halves.append(tape.gradient(loss, network.trainable_variables))
+mean = [(a + b) / 2 for a, b in zip(*halves)]
+clipped, _ = tf.clip_by_global_norm(mean, config.grad_clip)
+expected = [-config.learning_rate * (g.numpy() + config.weight_decay * w)
+            for g, w in zip(clipped, weights)]
+
+mirrored = distribute.get_strategy("mirrored", ["/cpu:0", "/cpu:1"])
+assert mirrored.num_replicas_in_sync == 2
+network, trainer, _ = build(mirrored)
+dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(8)
+trainer.fit(dataset, epochs=1, verbose=0)
+for v, w, e in zip(network.trainable_variables, weights, expected):
+    np.testing.assert_allclose(v.numpy() - w, e, atol=1e-7, rtol=1e-3, err_msg=v.path)
+print("same update")
+"""
+
+
+class DistributedTest(TestCase):
+    @pytest.mark.slow
+    def test_two_replicas_clip_the_global_gradient_like_one_device(self):
+        # Logical devices must be set before TensorFlow starts: a fresh process.
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+        result = subprocess.run(
+            [sys.executable, "-c", MIRRORED_SCRIPT],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        self.assertIn("same update", result.stdout)
+
+
 class TrainAppTest(TestCase):
     def test_unknown_genotype(self):
         model_dir = Path(temp_dir(self)) / "run"
