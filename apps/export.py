@@ -19,7 +19,7 @@ from apps import common  # noqa: I001 (first: quiets TensorFlow before it loads)
 
 from absl import flags, logging
 
-from pibconv_tf import export, export_tflite, pib_conv
+from pibconv_tf import export, export_tflite
 from pibconv_tf.errors import UserInputError
 
 FLAGS = flags.FLAGS
@@ -42,8 +42,9 @@ _INT8_IO_TYPE = flags.DEFINE_enum(
 _PIB_IMPLEMENTATION = flags.DEFINE_enum(
     "pib_implementation",
     export.DEFAULT_PIB_IMPLEMENTATION,
-    list(pib_conv.IMPLEMENTATIONS),
-    "How TFLite computes PIBConv's grouped convolution (same numbers; depthwise is faster).",
+    list(export_tflite.PIB_IMPLEMENTATIONS),
+    "How the TFLite graph computes PIBConv's grouped convolution (same numbers; split, a "
+    "depthwise convolution and a sum of channel halves, runs fastest).",
 )
 _TFLITE_BATCH_SIZE = flags.DEFINE_integer("tflite_batch_size", 1, "Fixed TFLite batch size.")
 _FP32_TOLERANCE = flags.DEFINE_float(

@@ -46,9 +46,8 @@ from pibconv_tf.rundir import write_json_atomic, write_text_atomic
 
 SAVED_MODEL = "saved_model"
 FORMATS = (SAVED_MODEL, *tflite.TFLITE_FORMATS)
-# Measured: the depthwise form's TFLite graph (DEPTHWISE_CONV_2D + SUM) runs faster than
-# the grouped CONV_2D under XNNPACK (docs/export.md has the figures).
-DEFAULT_PIB_IMPLEMENTATION = "depthwise"
+# Measured (docs/export.md): the split form runs fastest under XNNPACK, in float and int8.
+DEFAULT_PIB_IMPLEMENTATION = "split"
 SERVING_UINT8 = "serving_uint8"
 FP32_CHECKED = (SAVED_MODEL, f"{SAVED_MODEL}_uint8", "tflite_fp32")
 DATASET_JSON = "dataset.json"
@@ -73,7 +72,9 @@ class ExportConfig:
         parity_images: test images of the parity report.
         int8_io: integer input and output for `tflite_int8` (else float32).
         int8_io_type: "uint8" or "int8".
-        pib_implementation: PIBConv form traced for TFLite ("depthwise" or "grouped").
+        pib_implementation: PIBConv's grouped convolution in the TFLite graph: "split"
+            (`export_tflite.SplitPIBConv`), "depthwise" or "grouped" (PIBConv's own forms);
+            the numbers are the same.
         tflite_batch_size: the TFLite models' fixed batch size.
         fp32_tolerance: max |logit difference| allowed for SavedModel and `tflite_fp32`.
         benchmark_runs: time each TFLite model (per thread count) and Keras at batch 1 over
@@ -124,10 +125,10 @@ class ExportConfig:
             raise UserInputError(
                 f"--int8_io_type {self.int8_io_type!r} is unknown; accepted are uint8 and int8."
             )
-        if self.pib_implementation not in pib_conv.IMPLEMENTATIONS:
+        if self.pib_implementation not in tflite.PIB_IMPLEMENTATIONS:
             raise UserInputError(
                 f"--pib_implementation {self.pib_implementation!r} is unknown; accepted are "
-                f"{', '.join(pib_conv.IMPLEMENTATIONS)}."
+                f"{', '.join(tflite.PIB_IMPLEMENTATIONS)}."
             )
         if not self.fp32_tolerance > 0:
             raise UserInputError(f"--fp32_tolerance must be > 0, got {self.fp32_tolerance}.")
@@ -280,7 +281,7 @@ def build_tflite(config, info, formats, calibration=None):
 
     The copies are traced with `config.pib_implementation` and a fixed batch; for
     `tflite_int8` the stride-2 pools take their quantizable form. Float formats share one
-    conversion SavedModel.
+    conversion SavedModel. The copies' weights may be permuted: they are never saved.
     """
     io_type = config.int8_io_type if config.int8_io else None
     batch = config.tflite_batch_size
@@ -289,7 +290,8 @@ def build_tflite(config, info, formats, calibration=None):
         for fmt in formats:
             integer = fmt == "tflite_int8"
             if integer not in directories:
-                model = load_inference_model(config.model, config.pib_implementation)
+                model = load_inference_model(config.model)
+                tflite.set_pib_implementation(model, config.pib_implementation)
                 if integer:
                     tflite.make_pools_quantizable(model)
                 directories[integer] = pathlib.Path(root) / f"{len(directories)}"

@@ -17,7 +17,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from pibconv_tf import data, export, genotypes, networks, ops
+from pibconv_tf import data, export, genotypes, networks, ops, pib_conv
 from pibconv_tf import export_tflite as tflite
 from pibconv_tf.errors import RunError, UserInputError
 
@@ -130,18 +130,17 @@ def test_make_pools_quantizable_switches_stride_2_pools_only():
 
 @pytest.mark.parametrize(
     "genotype_name, implementation",
-    [("PIBCONV", "depthwise"), ("PIBCONV", "grouped"), ("DARTS_V2", "depthwise")],
+    [("PIBCONV", "depthwise"), ("PIBCONV", "grouped"), ("DARTS_V2", None)],
 )
-def test_saved_model_and_fp32_tflite_match_keras(
-    tmp_path, model_files, digits, images, fp32_tflite, genotype_name, implementation
+def test_saved_model_signatures_match_keras(
+    tmp_path, model_files, digits, images, genotype_name, implementation
 ):
     path = model_files[genotype_name]
     info = serving_info(digits.info)
     expected = keras_logits(path, info, images)
-
-    saved_dir = tmp_path / "saved_model"
-    export.write_saved_model(export.load_inference_model(path, implementation), info, saved_dir)
-    loaded = tf.saved_model.load(str(saved_dir))
+    model = export.load_inference_model(path, implementation)
+    export.write_saved_model(model, info, tmp_path / "saved_model")
+    loaded = tf.saved_model.load(str(tmp_path / "saved_model"))
     float_out = loaded.signatures["serving_default"](images=tf.constant(images, tf.float32))
     uint8_out = loaded.signatures["serving_uint8"](images=tf.constant(images))
     assert_float32_parity(float_out["logits"].numpy(), expected)
@@ -150,6 +149,33 @@ def test_saved_model_and_fp32_tflite_match_keras(
         float_out["probabilities"].numpy(), tf.nn.softmax(expected).numpy(), atol=1e-6
     )
 
+
+def test_split_pib_conv_computes_pib_conv(model_files, digits, images):
+    path = model_files["PIBCONV"]
+    info = serving_info(digits.info)
+    model = export.load_inference_model(path)
+    assert tflite.make_pib_convs_split(model) == sum(
+        isinstance(layer, pib_conv.PIBConv)
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+    )
+    actual = np.asarray(model(info.normalize(images), training=False))
+    np.testing.assert_allclose(actual, keras_logits(path, info, images), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "genotype_name, implementation",
+    [
+        ("PIBCONV", "split"),
+        ("PIBCONV", "depthwise"),
+        ("PIBCONV", "grouped"),
+        ("DARTS_V2", "split"),
+    ],
+)
+def test_fp32_tflite_matches_keras(
+    model_files, digits, images, fp32_tflite, genotype_name, implementation
+):
+    path = model_files[genotype_name]
+    expected = keras_logits(path, serving_info(digits.info), images)
     content = fp32_tflite(genotype_name, implementation)
     assert_float32_parity(tflite.tflite_logits(content, images), expected)
 
@@ -157,10 +183,9 @@ def test_saved_model_and_fp32_tflite_match_keras(
     assert not [name for name in counts if "Flex" in name or "CUSTOM" in name]
     # BatchNorm folded into the convolutions: no rsqrt, and fewer multiplies than norms.
     assert "RSQRT" not in counts
-    model = export.load_inference_model(path)
-    assert counts.get("MUL", 0) < count_batch_norms(model)
+    assert counts.get("MUL", 0) < count_batch_norms(export.load_inference_model(path))
     if genotype_name == "PIBCONV":
-        # depthwise: DEPTHWISE_CONV_2D + pairwise SUM; grouped: one grouped CONV_2D.
+        # Only the depthwise form sums channel pairs with a 5-D RESHAPE + SUM.
         assert ("SUM" in counts) == (implementation == "depthwise")
 
 
