@@ -10,9 +10,9 @@ python -m apps.export --model=runs/digits_l2/model.keras --output_dir=runs/digit
 The exported models take raw RGB pixels (0..255) and normalise inside with the statistics of
 `dataset.json` next to the model (or --mean/--std, or the --dataset's). --dataset supplies the
 calibration images of tflite_int8 (train split) and the parity images (test split); without
-it, parity runs on random pixels and tflite_int8 cannot be built (the default --formats
-then leave it out). Outputs are listed in
-`pibconv_tf/export.py`; float32 artifacts that differ from Keras fail the export (exit 1).
+it, parity runs on random pixels and tflite_int8 cannot be built (the default --formats then
+leave it out). Outputs are listed in pibconv_tf/export.py and docs/export.md. Float32
+artifacts that differ from Keras fail the export (exit 1).
 """
 
 from apps import common  # noqa: I001 (first: quiets TensorFlow before it loads)
@@ -55,6 +55,9 @@ _BENCHMARK_RUNS = flags.DEFINE_integer(
 )
 _BENCHMARK_WARMUP = flags.DEFINE_integer("benchmark_warmup", 10, "Untimed runs first.")
 _BENCHMARK_THREADS = flags.DEFINE_list("benchmark_threads", ["1", "2"], "LiteRT thread counts.")
+_BENCHMARK_ROUNDS = flags.DEFINE_integer(
+    "benchmark_rounds", 1, "Time all models in turn this often; keep each one's fastest round."
+)
 
 
 def _floats(flag, values):
@@ -108,6 +111,7 @@ def config_from_flags():
         benchmark_runs=_BENCHMARK_RUNS.value,
         benchmark_warmup=_BENCHMARK_WARMUP.value,
         benchmark_threads=_threads(_BENCHMARK_THREADS.value),
+        benchmark_rounds=_BENCHMARK_ROUNDS.value,
         overwrite=common.OVERWRITE.value,
     )
 
