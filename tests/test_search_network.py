@@ -1,0 +1,170 @@
+"""Tests for pibconv_tf/search/mixed_op.py and network.py: the one-shot search model."""
+
+import ast
+import pathlib
+
+import keras
+import numpy as np
+import pytest
+
+from pibconv_tf import ops as ops_lib
+from pibconv_tf.search import network as network_lib
+from pibconv_tf.search.mixed_op import MixedOp
+
+SEARCH_DIR = pathlib.Path(__file__).resolve().parents[1] / "pibconv_tf" / "search"
+
+
+def tiny_network(search_space="darts", steps=2, **kwargs):
+    net = network_lib.SearchNetwork(
+        num_classes=3,
+        init_channels=4,
+        layers=3,
+        steps=steps,
+        multiplier=steps,
+        search_space=search_space,
+        seed=1,
+        **kwargs,
+    )
+    return network_lib.build_network(net, 8)
+
+
+@pytest.fixture(scope="module")
+def darts_net():
+    return tiny_network()
+
+
+@pytest.mark.parametrize("module", ["network.py", "mixed_op.py"])
+def test_model_code_does_not_import_tensorflow(module):
+    tree = ast.parse((SEARCH_DIR / module).read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    assert "tensorflow" not in imported
+
+
+def test_alphas_are_explicit_and_partition_the_trainable_weights(darts_net):
+    arch = darts_net.arch_parameters()
+    assert arch[0] is darts_net.alphas_normal and arch[1] is darts_net.alphas_reduce
+    num_ops = len(ops_lib.get_search_space("darts").primitives)
+    assert tuple(darts_net.alphas_normal.shape) == (network_lib.num_edges(2), num_ops) == (5, 8)
+    for alpha in arch:
+        values = keras.ops.convert_to_numpy(alpha)
+        assert 0 < np.abs(values).max() < 1e-2  # 1e-3 * N(0, 1)
+    weights = darts_net.weight_parameters()
+    assert not {id(v) for v in weights} & {id(v) for v in arch}
+    assert len(weights) + 2 == len(darts_net.trainable_weights)
+    assert network_lib.num_edges(4) == 14
+
+
+def test_forward_shape_and_cells(darts_net):
+    logits = darts_net(keras.ops.ones((2, 8, 8, 3)), training=True)
+    assert tuple(logits.shape) == (2, 3)
+    assert [c.reduction for c in darts_net.cells] == [False, True, True]
+    assert [c.reduction_prev for c in darts_net.cells] == [False, False, True]
+    assert isinstance(darts_net.cells[2].preprocess0, ops_lib.FactorizedReduce)
+    assert not darts_net.cells[2].preprocess0.affine
+
+
+def test_genotype_of_hand_set_alphas(darts_net):
+    primitives = list(ops_lib.get_search_space("darts").primitives)
+    col = primitives.index
+    normal = np.zeros((5, 8), np.float32)
+    normal[:, col("none")] = 10.0  # the strongest everywhere, and never chosen
+    normal[0, col("max_pool_3x3")] = 3.0
+    normal[1, col("sep_conv_3x3")] = 5.0
+    normal[2, col("dil_conv_5x5")] = 1.0  # node 1: edges 2 (input 0), 3 (input 1), 4 (node 0)
+    normal[3, col("skip_connect")] = 4.0
+    normal[4, col("sep_conv_5x5")] = 2.0
+    reduce = np.zeros((5, 8), np.float32)
+    reduce[0, col("avg_pool_3x3")] = 1.0
+    reduce[1, col("skip_connect")] = 2.0
+    reduce[4, col("dil_conv_3x3")] = 3.0
+    reduce[2, col("max_pool_3x3")] = 0.5
+    darts_net.alphas_normal.assign(normal)
+    darts_net.alphas_reduce.assign(reduce)
+    genotype = darts_net.genotype()
+    assert genotype.normal == (
+        ("sep_conv_3x3", 1),
+        ("max_pool_3x3", 0),
+        ("skip_connect", 1),
+        ("sep_conv_5x5", 2),
+    )
+    assert genotype.reduce == (
+        ("skip_connect", 1),
+        ("avg_pool_3x3", 0),
+        ("dil_conv_3x3", 2),
+        ("max_pool_3x3", 0),
+    )
+    assert genotype.normal_concat == genotype.reduce_concat == (2, 3)
+    assert genotype.search_space == "darts"
+    weights = darts_net.arch_weights()
+    np.testing.assert_allclose(weights["normal"].sum(axis=1), 1.0, rtol=1e-6)
+
+
+def test_genotype_never_contains_none_and_names_its_space():
+    net = tiny_network("pibconv", steps=1)
+    net.alphas_normal.assign(np.eye(2, 10, dtype=np.float32) * 5.0)  # "none" wins edge 0
+    genotype = net.genotype()
+    assert genotype.search_space == "pibconv"
+    assert all(op != "none" for op, _ in genotype.normal + genotype.reduce)
+    assert genotype.normal_concat == (2,)
+
+
+def test_mixed_op_is_the_weighted_sum_of_its_operations():
+    op = MixedOp(filters=4, strides=1, search_space="darts")
+    x = keras.random.normal((2, 6, 6, 4), seed=0)
+    primitives = ops_lib.get_search_space("darts").primitives
+    one_hot = np.eye(len(primitives), dtype=np.float32)
+    skip = op(x, one_hot[primitives.index("skip_connect")], training=True)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(skip), keras.ops.convert_to_numpy(x))
+    zero = op(x, one_hot[primitives.index("none")], training=True)
+    assert not np.any(keras.ops.convert_to_numpy(zero))
+    # A pooling edge is followed by a non-affine BatchNorm, as in DARTS' MixedOp.
+    pooled = op(x, one_hot[primitives.index("max_pool_3x3")], training=True)
+    pooled = keras.ops.convert_to_numpy(pooled)
+    np.testing.assert_allclose(pooled.mean(axis=(0, 1, 2)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(pooled.var(axis=(0, 1, 2)), 1.0, rtol=1e-3)
+    # Weights mix linearly: w * skip + (1 - w) * max pool.
+    weights = 0.3 * one_hot[primitives.index("skip_connect")]
+    weights += 0.7 * one_hot[primitives.index("max_pool_3x3")]
+    mixed = keras.ops.convert_to_numpy(op(x, weights, training=True))
+    np.testing.assert_allclose(mixed, 0.3 * keras.ops.convert_to_numpy(x) + 0.7 * pooled, atol=1e-5)
+    assert len(op.candidates) == len(primitives) - 1  # "none" is not computed
+
+
+def test_config_round_trip_and_strided_mixed_op():
+    net = network_lib.SearchNetwork(num_classes=3, init_channels=4, layers=3, steps=1, multiplier=1)
+    clone = network_lib.SearchNetwork.from_config(net.get_config())
+    assert clone.get_config() == net.get_config()
+    assert clone.search_space == "pibconv" and clone.num_layers == 3
+    op = MixedOp.from_config(MixedOp(8, 2, "pibconv").get_config())
+    weights = keras.ops.softmax(keras.ops.zeros((10,)))
+    assert tuple(op(keras.ops.ones((1, 8, 8, 8)), weights).shape) == (1, 4, 4, 8)
+
+
+def test_synchronized_batch_norm_switch(darts_net):
+    count = network_lib.set_synchronized_batch_norm(darts_net)
+    batch_norms = [
+        layer
+        for layer in darts_net._flatten_layers(include_self=False, recursive=True)
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    assert count == len(batch_norms) > 0
+    assert all(layer.synchronized for layer in batch_norms)
+    network_lib.set_synchronized_batch_norm(darts_net, False)
+    assert not any(layer.synchronized for layer in batch_norms)
+
+
+def test_alphas_stay_float32_under_mixed_precision():
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        net = tiny_network(steps=1)
+        logits = net(keras.ops.ones((2, 8, 8, 3)), training=True)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert all(alpha.dtype == "float32" for alpha in net.arch_parameters())
+    assert logits.dtype == "bfloat16"
+    assert np.isfinite(keras.ops.convert_to_numpy(keras.ops.cast(logits, "float32"))).all()
