@@ -1,0 +1,237 @@
+"""Tests for the benchmark harness (pibconv_tf.benchmark, pibconv_tf.timing) and apps.benchmark.
+
+The app runs every kind of measurement at tiny sizes in subprocesses; the figures are never
+asserted, only that records are well formed, complete and positive. The library's
+expansion, statistics, reference matching and table are tested directly.
+"""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pibconv_tf import benchmark, timing
+from pibconv_tf.errors import UserInputError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "--layers=2",
+    "--init_channels=4",
+    "--batch_size=2",
+    "--repeats=1",
+    "--warmup=1",
+    "--min_repeat_seconds=0",
+    "--image_size=16",
+]
+COMMON_KEYS = {
+    "what", "name", "status", "config", "unit", "median", "min", "max", "ms_per_call",
+    "images_per_second", "peak_rss_mb", "peak_rss_scope", "device", "versions", "timestamp",
+    "load_average", "threads",
+}  # fmt: skip
+
+
+def run_app(*flags):
+    return subprocess.run(
+        [sys.executable, "-m", "apps.benchmark", *flags],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
+def read_records(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def check_ok(record):
+    assert set(record) >= COMMON_KEYS, sorted(COMMON_KEYS - set(record))
+    assert record["status"] == "ok", record.get("reason")
+    assert 0 < record["min"] <= record["median"] <= record["max"]
+    assert record["peak_rss_mb"] > 10
+    assert record["versions"]["python"] and record["versions"]["tensorflow"]
+    for key in ("median", "min", "max"):
+        assert record["ms_per_call"][key] > 0
+
+
+@pytest.mark.slow
+def test_app_measures_steps_inference_and_pipelines(tmp_path):
+    output = tmp_path / "bench" / "results.jsonl"
+    result = run_app(
+        *TINY,
+        "--what=search_step,train_step,inference,pipeline",
+        "--order=first",
+        "--search_layers=1",
+        "--search_init_channels=4",
+        "--search_batch_size=2",
+        "--search_nodes=1",
+        "--nojit_compile",
+        "--inference_batch_sizes=1",
+        "--pipeline_images=16",
+        "--noisolate",
+        f"--output={output}",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = read_records(output)
+    kinds = [(r["what"], r["config"].get("mode") or r["config"].get("pipeline")) for r in records]
+    assert kinds == [
+        ("search_step", None),
+        ("train_step", None),
+        ("train_step", None),  # mixed_float16: skipped on a CPU
+        *[("inference", mode) for mode in benchmark.INFERENCE_MODES],
+        ("pipeline", "train"),
+        ("pipeline", "search"),
+    ]
+    skipped = records[2]
+    assert skipped["status"] == "skipped" and "GPU" in skipped["reason"]
+    for record in records[:2] + records[3:]:
+        check_ok(record)
+    assert records[0]["unit"] == records[1]["unit"] == "images/s"
+    assert {r["unit"] for r in records if r["what"] == "inference"} == {"ms"}
+    assert [r["config"]["batch_size"] for r in records[3:6]] == [1, 1, 1]
+    assert records[-2]["images_per_epoch"] == 16 // 2 * 2
+    config = json.loads((output.parent / "config.json").read_text())
+    assert config["what"] == ["search_step", "train_step", "inference", "pipeline"]
+    # The table: one row per record and the pipeline / train-step ratio.
+    assert result.stdout.count("\n") >= len(records) + 2
+    assert "train pipeline synthetic outruns" in result.stdout or "is SLOWER" in result.stdout
+
+
+@pytest.mark.slow
+def test_app_times_tflite_in_litert_processes(tmp_path):
+    output = tmp_path / "tflite.jsonl"
+    output.write_text("")  # appended to
+    result = run_app(
+        *TINY,
+        "--what=tflite",
+        "--tflite_formats=tflite_fp32,tflite_int8",
+        "--tflite_threads=1",
+        "--eval_images=4",
+        f"--output={output}",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = read_records(output)
+    assert [r["config"]["format"] for r in records] == ["tflite_fp32", "tflite_int8"]
+    for record in records:
+        check_ok(record)
+        assert record["unit"] == "ms" and record["peak_rss_scope"] == "measurement"
+        assert record["bytes"] > 1000 and record["config"]["threads"] == 1
+        assert 0 <= record["top1_agreement_with_fp32"] <= 1
+    assert records[0]["top1_agreement_with_fp32"] == 1.0
+    assert records[1]["input_dtype"] == "uint8"
+    # The timing processes import LiteRT only: much less memory than the converting one.
+    assert records[0]["peak_rss_mb"] < 400
+    assert "x the speed of fp32" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--what=speed"], "--what 'speed' holds unknown or no values ['speed']"),
+        (["--repeats=0"], "--repeats must be >= 1, got 0."),
+        (["--layers=2,x"], "--layers '2,x' must list whole numbers."),
+        (["--tflite_threads=0"], "--tflite_threads must list integers >= 1"),
+        (["--model=/no/such/model.keras"], "--model '/no/such/model.keras' does not exist"),
+    ],
+)
+def test_app_refuses_bad_input_in_one_sentence(tmp_path, flags, message):
+    output = tmp_path / "results.jsonl"
+    output.write_text("kept\n")
+    result = run_app(*flags, f"--output={output}", "--overwrite")
+    assert result.returncode == 1
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and message in error_lines[0], result.stderr[-1000:]
+    assert "Traceback" not in result.stderr
+    assert output.read_text() == "kept\n"  # bad input touches no output
+
+
+def test_specs_expand_sizes_and_variants():
+    config = benchmark.BenchmarkConfig(
+        layers=(2, 10), precisions=("float32",), jit_compile_modes=(False, True), order=("first",)
+    ).validate()
+    specs = benchmark.measurement_specs(config)
+    whats = [s["what"] for s in specs]
+    assert (
+        whats
+        == ["search_step"]
+        + ["train_step"] * 4
+        + ["inference"] * 2
+        + ["tflite"] * 2
+        + ["pipeline"] * 2
+    )
+    trains = [(s["params"]["layers"], s["params"]["jit_compile"]) for s in specs[1:5]]
+    assert trains == [(2, False), (2, True), (10, False), (10, True)]
+    assert specs[0]["params"]["batch_size"] == 16 and specs[0]["params"]["layers"] == 8
+    assert json.loads(json.dumps(specs)) == specs  # specs travel to workers as JSON
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(UserInputError, match="--precisions"):
+        benchmark.BenchmarkConfig(precisions=("float8",)).validate()
+    with pytest.raises(UserInputError, match="--warmup must be >= 1"):
+        benchmark.BenchmarkConfig(warmup=0).validate()
+    with pytest.raises(UserInputError, match="--search_space 'nas'"):
+        benchmark.BenchmarkConfig(search_space="nas").validate()
+
+
+def test_timing_figures_throughput_and_latency():
+    seconds = {"seconds": [0.5, 0.25, 1.0], "cpu_seconds": [1.0, 0.5, 2.0]}
+    throughput = benchmark.timing_figures(seconds, batch_size=8)
+    assert throughput["unit"] == "images/s"
+    assert (throughput["median"], throughput["min"], throughput["max"]) == (16.0, 8.0, 32.0)
+    assert throughput["cpu_ms_per_call"]["median"] == 1000.0
+    latency = benchmark.timing_figures(seconds, batch_size=1, latency=True)
+    assert latency["unit"] == "ms"
+    assert (latency["median"], latency["min"], latency["max"]) == (500.0, 250.0, 1000.0)
+
+
+def test_time_calls_warms_up_and_loops_fast_calls():
+    calls = []
+
+    def call():
+        calls.append(1)
+        time.sleep(0.002)
+
+    result = timing.time_calls(call, repeats=3, warmup=2, min_repeat_seconds=0.02)
+    per_repeat = result["calls_per_repeat"]
+    assert per_repeat >= 5
+    assert len(calls) == 2 + 3 * per_repeat
+    assert all(0.0015 < s < 0.05 for s in result["seconds"])
+    assert result["first_call_seconds"] > 0.0015
+
+
+def _record(what, median, unit, **config):
+    return {"what": what, "status": "ok", "median": median, "min": median, "max": median,
+            "unit": unit, "config": config}  # fmt: skip
+
+
+def test_pytorch_reference_matches_only_its_settings():
+    base = dict(genotype="PIBCONV", layers=10, init_channels=36, batch_size=32)
+    ours = _record("train_step", 23.4, "images/s", precision="float32", **base)
+    assert benchmark.pytorch_reference(ours) == {"value": 7.8, "unit": "images/s", "speedup": 3.0}
+    assert benchmark.pytorch_reference({**ours, "accelerator": "GPU"}) is None
+    other = _record("train_step", 23.4, "images/s", precision="float32", **{**base, "layers": 3})
+    assert benchmark.pytorch_reference(other) is None
+    tflite = _record("tflite", 2.0, "ms", format="tflite_fp32", **{**base, "batch_size": 1})
+    assert benchmark.pytorch_reference(tflite)["speedup"] == 34.5  # 69 ms / 2 ms
+
+
+def test_table_lists_every_record_and_the_ratios():
+    net = dict(genotype="PIBCONV", layers=2, init_channels=36)
+    records = [
+        _record("train_step", 100.0, "images/s", batch_size=32, precision="float32", **net),
+        _record("pipeline", 5000.0, "images/s", batch_size=32, pipeline="train", source="s"),
+        _record("tflite", 4.0, "ms", format="tflite_fp32", threads=1, batch_size=1, **net),
+        _record("tflite", 2.0, "ms", format="tflite_int8", threads=1, batch_size=1, **net),
+        {"what": "train_step", "status": "skipped", "reason": "needs a GPU", "config": net},
+    ]
+    records = [benchmark.finish_record(r) for r in records]
+    table = benchmark.format_table(records)
+    assert len(table.splitlines()) == 2 + len(records) + 2 + 2
+    assert "outruns train PIBCONV L=2 C=36 float32: 50.0x" in table
+    assert "tflite_int8 PIBCONV L=2 C=36 threads=1: 2.00x the speed of fp32" in table
+    assert "skipped: needs a GPU" in table
