@@ -1,0 +1,92 @@
+"""The quick start end to end: `apps.demo` at its smallest settings, every artifact checked."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from pibconv_tf import data, networks  # noqa: F401 (registers the layers for loading)
+from pibconv_tf.genotypes import Genotype
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "apps.demo",
+        f"--output_dir={out}",
+        "--search_epochs=1",
+        "--search_layers=3",
+        "--search_channels=4",
+        "--train_epochs=1",
+        "--train_layers=2",
+        "--train_channels=4",
+        "--batch_size=8",
+        "--steps_per_epoch=2",
+        "--benchmark_runs=5",
+    ]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "=== Summary" in result.stdout
+    return out
+
+
+@pytest.mark.slow
+def test_demo_writes_every_artifact(demo_dir):
+    genotype = Genotype.from_json((demo_dir / "search" / "genotype.json").read_text())
+    assert genotype.search_space == "pibconv"
+    assert all(op != "none" for op, _ in genotype.normal + genotype.reduce)
+    search_metrics = [json.loads(line) for line in (demo_dir / "search" / "metrics.jsonl").open()]
+    train_metrics = [json.loads(line) for line in (demo_dir / "train" / "metrics.jsonl").open()]
+    assert len(search_metrics) == 1 and len(train_metrics) == 1
+    assert np.load(demo_dir / "search" / "alphas.npz")["normal"].shape[0] == 1
+
+    evaluation = json.loads((demo_dir / "evaluate.json").read_text())
+    assert evaluation["num_images"] == 360 and 0.0 <= evaluation["top1"] <= 1.0
+    assert evaluation["params"] > 0 and evaluation["gmacs"] > 0
+
+    parity = json.loads((demo_dir / "export" / "parity.json").read_text())["artifacts"]
+    assert parity["tflite_fp32"]["max_abs_logit_diff"] <= 1e-4
+    assert parity["tflite_fp32"]["top1_agreement"] == 1.0
+    assert 0.0 <= parity["tflite_int8"]["top1_agreement"] <= 1.0
+
+    summary = json.loads((demo_dir / "summary.json").read_text())
+    assert set(summary["tflite_bytes"]) == {"model_fp32.tflite", "model_int8.tflite"}
+    for stem in ("model_fp32", "model_int8"):
+        assert summary["edge_latency"][stem]["median_ms"] > 0
+
+
+@pytest.mark.slow
+def test_edge_runner_agrees_with_keras_on_the_png_files(demo_dir):
+    model = keras.saving.load_model(demo_dir / "train" / "model.keras")
+    info = data.DatasetInfo.from_json_dict(
+        json.loads((demo_dir / "train" / "dataset.json").read_text())
+    )
+    results = json.loads((demo_dir / "edge" / "model_fp32.json").read_text())
+    assert len(results) == 4
+    for result in results:
+        image = np.asarray(Image.open(result["image"]).convert("RGB"))[None]
+        logits = np.asarray(model(data.normalize(image, info), training=False))[0]
+        probabilities = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        best = result["top_k"][0]
+        assert best["index"] == int(np.argmax(probabilities))
+        assert abs(best["probability"] - float(probabilities.max())) < 1e-4
+
+
+@pytest.mark.slow
+def test_pictures_decode_and_are_not_blank(demo_dir):
+    figures = demo_dir / "figures"
+    for name in ("gradcam.png", "alphas_normal.png", "search_curves.png", "cells_search.png"):
+        with Image.open(figures / name) as picture:
+            pixels = np.asarray(picture.convert("L"), np.float32)
+        assert min(pixels.shape) > 100, name
+        assert pixels.std() > 5 and pixels.min() < 200, f"{name} looks blank"
