@@ -42,7 +42,7 @@ def benchmark_train_step(
         layers, init_channels: the network (`networks.network_cifar`).
         batch_size: images per step.
         steps: timed steps; the median gives the throughput.
-        warmup: untimed steps first (at least 1).
+        warmup: untimed steps first (at least 1: the first step traces and compiles).
         jit_compile: compile the step with XLA.
         mixed_precision: None, "mixed_float16" or "mixed_bfloat16".
         auxiliary: train with the auxiliary head (weight 0.4) as the recipe does.
@@ -52,8 +52,9 @@ def benchmark_train_step(
 
     Returns:
         A dict: images_per_second (median step), seconds_per_step (median), step_seconds
-        (all timed steps), first_step_seconds (tracing and compilation included), the
-        arguments, the parameter count and the device.
+        (all timed steps), cpu_seconds_per_step (median process CPU time: steadier than
+        wall time on a shared machine), first_step_seconds (tracing and graph optimisation
+        included), the arguments, the parameter count and the device.
     """
     name = genotype if isinstance(genotype, str) else _name(genotype)
     if isinstance(genotype, str):
@@ -68,6 +69,8 @@ def benchmark_train_step(
         jit_compile=jit_compile,
         seed=seed,
     ).validate()
+    if warmup < 1 or steps < 1:
+        raise ValueError(f"warmup and steps must be >= 1, got {warmup} and {steps}.")
     keras.utils.set_random_seed(seed)
     with training.dtype_policy(mixed_precision):
         network, trainer, _ = training.build_trainer(config, genotype, num_classes, image_size)
@@ -77,8 +80,9 @@ def benchmark_train_step(
         rng = np.random.default_rng(seed)
         images = tf.constant(rng.normal(size=(batch_size, image_size, image_size, 3)), "float32")
         labels = tf.constant(rng.integers(0, num_classes, batch_size), "int32")
-        times = [_timed(step, images, labels) for _ in range(max(warmup, 1) + steps)]
-    timed = times[max(warmup, 1) :]
+        samples = np.array([_timed(step, images, labels) for _ in range(warmup + steps)])
+    times, cpu_times = samples[:, 0], samples[:, 1]
+    timed = times[warmup:]
     median = float(np.median(timed))
     return {
         "genotype": name,
@@ -92,17 +96,18 @@ def benchmark_train_step(
         "params": int(sum(np.prod(v.shape) for v in network.trainable_variables)),
         "images_per_second": batch_size / median,
         "seconds_per_step": median,
-        "step_seconds": [round(t, 5) for t in timed],
-        "first_step_seconds": times[0],
+        "step_seconds": [round(float(t), 5) for t in timed],
+        "cpu_seconds_per_step": float(np.median(cpu_times[warmup:])),
+        "first_step_seconds": float(times[0]),
         "device": distribute.device_description(),
     }
 
 
 def _timed(step, images, labels):
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     logs = step((images, labels))
     float(logs["loss"])  # waits for the step
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def _name(genotype):

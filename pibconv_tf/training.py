@@ -175,6 +175,9 @@ def resumed_config(model_dir, overrides):
         )
     with open(path) as stream:
         stored = json.load(stream)
+    own = os.path.join(model_dir, GENOTYPE)
+    if stored.get("genotype") not in genotypes.NAMED_GENOTYPES and os.path.isfile(own):
+        stored["genotype"] = own  # the run's copy, in case the original file moved
     return TrainConfig.from_dict({**stored, **overrides, "resume": True, "overwrite": False})
 
 

@@ -326,11 +326,35 @@ class TrainAppTest(TestCase):
         self.assertNotIn("Traceback", result.stderr)
         self.assertFalse(model_dir.exists())
 
-    def test_non_empty_model_dir_is_refused_untouched(self):
-        model_dir = Path(temp_dir(self))
-        (model_dir / "notes.txt").write_text("keep me")
-        result = run_app("train", "--dataset=digits", f"--model_dir={model_dir}", "--layers=2")
-        self.assertEqual(result.returncode, 1, result.stderr)
-        self.assertIn("is not empty; pass --resume", result.stderr)
-        self.assertEqual(sorted(os.listdir(model_dir)), ["notes.txt"])
-        self.assertEqual((model_dir / "notes.txt").read_text(), "keep me")
+    @pytest.mark.slow
+    def test_refuses_a_non_empty_model_dir_and_resumes_with_the_stored_config(self):
+        model_dir = Path(temp_dir(self)) / "run"
+        tiny = [
+            "--dataset=digits",
+            "--image_size=8",
+            "--layers=1",
+            "--init_channels=4",
+            "--batch_size=8",
+            "--cutout_length=4",
+            "--steps_per_epoch=2",
+            "--verbose=2",
+            f"--model_dir={model_dir}",
+        ]
+        first = run_app("train", "--epochs=1", *tiny)
+        self.assertEqual(first.returncode, 0, first.stderr)
+        self.assertIn("epoch 1/1", first.stdout)
+        before = {p.name: p.stat().st_mtime_ns for p in model_dir.iterdir()}
+
+        refused = run_app("train", "--dataset=digits", f"--model_dir={model_dir}")
+        self.assertEqual(refused.returncode, 1, refused.stderr)
+        self.assertIn("is not empty; pass --resume", refused.stderr)
+        self.assertEqual({p.name: p.stat().st_mtime_ns for p in model_dir.iterdir()}, before)
+
+        # Only --epochs is given again: the rest (layers=1, 8x8 images, ...) is the run's own.
+        resumed = run_app("train", "--resume", f"--model_dir={model_dir}", "--epochs=2")
+        self.assertEqual(resumed.returncode, 0, resumed.stderr)
+        self.assertIn("epoch 2/2", resumed.stdout)
+        config = json.loads((model_dir / "config.json").read_text())
+        self.assertEqual((config["layers"], config["image_size"], config["epochs"]), (1, 8, 2))
+        lines = (model_dir / "metrics.jsonl").read_text().splitlines()
+        self.assertEqual([json.loads(line)["epoch"] for line in lines], [1, 2])
