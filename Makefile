@@ -7,7 +7,7 @@ DATASET ?= digits
 DEMO_DIR ?= runs/demo
 DEMO_ARGS ?=
 DATA_DIR ?=
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n 2 --durations=20
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: install test lint format demo table1 clean
