@@ -34,7 +34,10 @@ def main(argv):
         config, layer_counts = sweep.resumed_sweep(values["model_dir"], overrides)
     else:
         config = training.TrainConfig(layers=layer_counts[0], **values)
-    rows = sweep.run_sweep(config, layer_counts)
+    try:
+        rows = sweep.run_sweep(config, layer_counts)
+    except KeyboardInterrupt:
+        train_app.interrupted("apps.sweep", config.model_dir)
     print(sweep.format_markdown(rows), end="")
 
 

@@ -14,6 +14,8 @@ weight decay 3e-4, clip 5, cutout 16, drop path 0.2, auxiliary weight 0.4). `--r
 
 from apps import common  # noqa: I001 (first: quiets TensorFlow before it loads)
 
+import sys
+
 from absl import flags, logging
 
 from pibconv_tf import training
@@ -111,6 +113,15 @@ def config_from_flags(layers):
     return training.TrainConfig(layers=layers, **values)
 
 
+def interrupted(app, model_dir):
+    """Ctrl-C: the last finished epoch is checkpointed; say how to continue, exit 130."""
+    print(
+        f"\nInterrupted; continue with: python -m {app} --resume --model_dir={model_dir}",
+        file=sys.stderr,
+    )
+    sys.exit(130)
+
+
 def main(argv):
     del argv
     if not FLAGS["verbosity"].present:
@@ -121,7 +132,11 @@ def main(argv):
             f"--layers takes one count in apps.train, got {','.join(_LAYERS.value)}; "
             "use apps.sweep to train several."
         )
-    result = training.train(config_from_flags(layers[0]))
+    config = config_from_flags(layers[0])
+    try:
+        result = training.train(config)
+    except KeyboardInterrupt:
+        interrupted("apps.train", config.model_dir)
     print(
         f"Trained {result['epochs']} epochs: test top-1 {100 * result['test_accuracy']:.2f}% "
         f"(best {100 * result['best_test_accuracy']:.2f}% at epoch {result['best_epoch']}); "

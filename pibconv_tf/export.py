@@ -42,6 +42,7 @@ from pibconv_tf import data, networks, pib_conv
 from pibconv_tf import export_tflite as tflite
 from pibconv_tf.cells import Cell
 from pibconv_tf.errors import RunError, UserInputError
+from pibconv_tf.export_tflite import benchmark_tflite  # noqa: F401 (the benchmark app's entry)
 from pibconv_tf.rundir import write_json_atomic, write_text_atomic
 
 SAVED_MODEL = "saved_model"

@@ -45,7 +45,7 @@ PIB_IMPLEMENTATIONS = ("split", *pib_conv.IMPLEMENTATIONS)
 SIGNATURE = "serving_default"
 INPUT = "images"
 LOGITS = "logits"
-# Operations that would mean a graph did not lower to TFLite built-ins, or kept BatchNorm.
+# Operation names that mean a graph did not lower to TFLite built-ins.
 _FOREIGN_OP_PREFIXES = ("Flex", "CUSTOM")
 
 
@@ -89,9 +89,10 @@ class SplitPIBConv(pib_conv.PIBConv):
     g*F + i is input i of group g) and sums each group with a reshape to 5-D and a SUM over
     the last axis, which TFLite runs slowly (3x the depthwise convolution itself in float32,
     and worse in int8). Here the expanded channels are ordered expansion-major (channel
-    i*C + g), so the group sums are F contiguous slices added together: a SLICE and an ADD
-    that XNNPACK runs at memory speed. `make_pib_convs_split` permutes the 1x1 expansion
-    kernel's output channels to match, so the numbers are PIBConv's.
+    i*C + g), so the group sums are F contiguous channel slices added together: unit-stride
+    STRIDED_SLICEs and an ADD, which XNNPACK runs at memory speed. `make_pib_convs_split`
+    permutes the 1x1 expansion kernel's output channels to match, so the numbers are
+    PIBConv's.
     """
 
     def _grouped_conv(self, x):
@@ -123,7 +124,8 @@ def make_pib_convs_split(model):
 
 
 def set_pib_implementation(model, implementation):
-    """ "split" (`make_pib_convs_split`) or one of PIBConv's own implementations."""
+    """Switches every PIBConv to "split" (`make_pib_convs_split`) or to one of its own
+    implementations ("depthwise", "grouped"); returns how many."""
     if implementation == "split":
         return make_pib_convs_split(model)
     return pib_conv.set_implementation(model, implementation)
@@ -270,14 +272,23 @@ def tflite_logits(model, images, threads=None):
     return np.concatenate(outputs) if outputs else np.zeros((0, logits_details["shape"][1]))
 
 
-def latency_stats(times_ms):
-    times_ms = np.asarray(times_ms)
+def time_runs(function, runs):
+    """Calls `function` `runs` times; returns wall-clock latency statistics in ms, and the
+    median process CPU time per call (`cpu_ms`, all threads): on a shared machine the wall
+    clock includes waiting for a core, the CPU time does not."""
+    wall, cpu = np.empty(runs), np.empty(runs)
+    for i in range(runs):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        function()
+        wall[i] = (time.perf_counter() - start) * 1e3
+        cpu[i] = (time.process_time() - start_cpu) * 1e3
     return {
-        "median_ms": float(np.median(times_ms)),
-        "p90_ms": float(np.percentile(times_ms, 90)),
-        "mean_ms": float(times_ms.mean()),
-        "min_ms": float(times_ms.min()),
-        "runs": len(times_ms),
+        "median_ms": float(np.median(wall)),
+        "p90_ms": float(np.percentile(wall, 90)),
+        "mean_ms": float(wall.mean()),
+        "min_ms": float(wall.min()),
+        "cpu_ms": float(np.median(cpu)),
+        "runs": runs,
     }
 
 
@@ -288,7 +299,8 @@ def benchmark_tflite(path, threads=1, warmup=10, runs=100):
     `invoke()` is timed.
 
     Returns:
-        {median_ms, p90_ms, mean_ms, min_ms, runs, threads, warmup, batch_size, bytes}.
+        {median_ms, p90_ms, mean_ms, min_ms (wall clock), cpu_ms (median process CPU time
+        per invoke, all threads), runs, threads, warmup, batch_size, bytes}.
     """
     if runs < 1 or warmup < 0:
         raise ValueError(f"runs must be >= 1 and warmup >= 0, got {runs} and {warmup}.")
@@ -299,13 +311,8 @@ def benchmark_tflite(path, threads=1, warmup=10, runs=100):
     interpreter.set_tensor(details["index"], quantize_input(pixels, details))
     for _ in range(warmup):
         interpreter.invoke()
-    times_ms = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        interpreter.invoke()
-        times_ms.append((time.perf_counter() - start) * 1e3)
     return {
-        **latency_stats(times_ms),
+        **time_runs(interpreter.invoke, runs),
         "threads": threads,
         "warmup": warmup,
         "batch_size": shape[0],
@@ -332,12 +339,13 @@ def benchmark_models(paths, threads=(1, 2), warmup=10, runs=100, rounds=1):
 
 def format_latency(rows):
     """Latency rows (`benchmark_models`, `benchmark_keras`) as a text table."""
-    lines = [f"{'artifact':<22}{'threads':>8}{'median ms':>11}{'p90 ms':>9}{'MB':>8}"]
+    lines = [f"{'artifact':<24}{'threads':>8}{'median ms':>11}{'p90 ms':>9}{'CPU ms':>9}{'MB':>8}"]
     for row in rows:
         size = f"{row['bytes'] / 1e6:8.2f}" if "bytes" in row else f"{'-':>8}"
         threads = "default" if row.get("threads") is None else row["threads"]
         lines.append(
-            f"{row['artifact']:<22}{threads:>8}{row['median_ms']:11.2f}{row['p90_ms']:9.2f}{size}"
+            f"{row['artifact']:<24}{threads:>8}{row['median_ms']:11.2f}{row['p90_ms']:9.2f}"
+            f"{row['cpu_ms']:9.2f}{size}"
         )
     return "\n".join(lines)
 
@@ -350,12 +358,8 @@ def benchmark_keras(model, warmup=10, runs=100, batch_size=1):
     call = tf.function(lambda x: model(x, training=False))
     for _ in range(max(warmup, 1)):
         call(images).numpy()
-    times_ms = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call(images).numpy()
-        times_ms.append((time.perf_counter() - start) * 1e3)
-    return {**latency_stats(times_ms), "warmup": warmup, "batch_size": batch_size}
+    stats = time_runs(lambda: call(images).numpy(), runs)
+    return {**stats, "warmup": warmup, "batch_size": batch_size}
 
 
 def parity_report(keras_logits, outputs, labels=None, tolerance=1e-4, checked=()):

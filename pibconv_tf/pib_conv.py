@@ -81,9 +81,7 @@ class PIBConv(keras.layers.Layer):
 
     def build(self, input_shape):
         c, f = input_shape[-1], self.filters
-        L.build_sublayers(
-            (self.dw, c), (self.bn, c), (self.pw_expand, c), (self.pw_project, f)
-        )
+        L.build_sublayers((self.dw, c), (self.bn, c), (self.pw_expand, c), (self.pw_project, f))
         self.grouped_kernel = self.add_weight(
             name="grouped_kernel",
             shape=(self.kernel_size, self.kernel_size, self.expansion, f),

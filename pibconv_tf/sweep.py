@@ -108,6 +108,8 @@ def run_sweep(config, layer_counts):
         dataclasses.replace(config, layers=layers).validate()
     training.check_inputs(dataclasses.replace(config, layers=layer_counts[0]))
     sweep_dir = prepare_sweep_dir(config.model_dir, config.resume, config.overwrite)
+    if config.resume:
+        _check_resume(sweep_dir, config)
     sweep_dir.write_json(CONFIG, sweep_config_dict(config, layer_counts))
     rows = []
     for layers in layer_counts:
@@ -117,15 +119,31 @@ def run_sweep(config, layer_counts):
     return rows
 
 
+def _check_resume(sweep_dir, config):
+    """Refuses to continue a sweep with another genotype or run-defining setting."""
+    stored = sweep_dir.read_json(CONFIG)
+    for name in ("genotype", *training.FIXED_ON_RESUME):
+        if name != "layers" and stored.get(name) != getattr(config, name):
+            raise UserInputError(
+                f"--{name}={getattr(config, name)!r} differs from the sweep being resumed in "
+                f"{str(sweep_dir.path)!r} ({stored.get(name)!r}); resume with the same value."
+            )
+
+
+def _log(config, message):
+    if config.verbose:
+        print(message, flush=True)
+
+
 def _run_row(config, layers):
     path = row_dir(config.model_dir, layers)
     result = _finished(path, config.epochs)
     if result is not None:
-        print(f"layers={layers}: finished earlier, not retrained ({path}).", flush=True)
+        _log(config, f"layers={layers}: finished earlier, not retrained ({path}).")
         return result
     resume = latest_checkpoint(path) is not None
     overwrite = not resume and os.path.isdir(path) and bool(os.listdir(path))
-    print(f"layers={layers}: {'resuming' if resume else 'training'} in {path}.", flush=True)
+    _log(config, f"layers={layers}: {'resuming' if resume else 'training'} in {path}.")
     row = dataclasses.replace(
         config, layers=layers, model_dir=path, resume=resume, overwrite=overwrite
     )

@@ -80,22 +80,23 @@ class TestEvaluation(keras.callbacks.Callback):
         self.batch_size = batch_size
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._times = [time.perf_counter()]
+        self._start, self._after_first, self._batches = time.perf_counter(), None, 0
 
     def on_train_batch_end(self, batch, logs=None):
-        if len(self._times) < 2:
-            self._times.append(time.perf_counter())
+        if self._after_first is None:
+            self._after_first = time.perf_counter()
         self._batches = batch + 1
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
             return
         now = time.perf_counter()
-        start, first = self._times[0], self._times[-1]
-        timed = self._batches - 1 if self._batches > 1 and now > first else self._batches
-        seconds = now - (first if timed < self._batches else start)
-        logs["train_seconds"] = round(now - start, 3)
-        logs["images_per_second"] = round(timed * self.batch_size / max(seconds, 1e-9), 2)
+        if self._batches > 1:
+            images, seconds = (self._batches - 1) * self.batch_size, now - self._after_first
+        else:
+            images, seconds = self._batches * self.batch_size, now - self._start
+        logs["train_seconds"] = round(now - self._start, 3)
+        logs["images_per_second"] = round(images / max(seconds, 1e-9), 2)
         due = (epoch + 1) % self.every == 0 or epoch + 1 == self.epochs
         if due and not self.model.stop_training:
             results = self.model.evaluate(self.dataset, verbose=0, return_dict=True)

@@ -295,6 +295,7 @@ def test_benchmark_tflite_reports_latency(tmp_path, fp32_tflite):
     stats = tflite.benchmark_tflite(path, threads=1, warmup=2, runs=5)
     assert stats["runs"] == 5 and stats["threads"] == 1 and stats["bytes"] == len(content)
     assert 0 < stats["min_ms"] <= stats["median_ms"] <= stats["p90_ms"]
+    assert stats["cpu_ms"] > 0
 
 
 def app_command(*args):

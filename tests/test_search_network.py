@@ -145,26 +145,14 @@ def test_config_round_trip_and_strided_mixed_op():
     assert tuple(op(keras.ops.ones((1, 8, 8, 8)), weights).shape) == (1, 4, 4, 8)
 
 
-def test_synchronized_batch_norm_switch(darts_net):
-    count = network_lib.set_synchronized_batch_norm(darts_net)
-    batch_norms = [
-        layer
-        for layer in darts_net._flatten_layers(include_self=False, recursive=True)
-        if isinstance(layer, keras.layers.BatchNormalization)
-    ]
-    assert count == len(batch_norms) > 0
-    assert all(layer.synchronized for layer in batch_norms)
-    network_lib.set_synchronized_batch_norm(darts_net, False)
-    assert not any(layer.synchronized for layer in batch_norms)
-
-
 def test_alphas_stay_float32_under_mixed_precision():
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
     try:
         net = tiny_network(steps=1)
         logits = net(keras.ops.ones((2, 8, 8, 3)), training=True)
     finally:
-        keras.mixed_precision.set_global_policy("float32")
+        keras.config.set_dtype_policy(previous)
     assert all(alpha.dtype == "float32" for alpha in net.arch_parameters())
     assert logits.dtype == "bfloat16"
     assert np.isfinite(keras.ops.convert_to_numpy(keras.ops.cast(logits, "float32"))).all()

@@ -63,6 +63,8 @@ class SweepRunTest(TestCase):
             training.train(row2, extra_callbacks=[StopAfter(1)])
         epoch1 = (root / "layers_2" / "metrics.jsonl").read_text()
 
+        with self.assertRaisesRegex(UserInputError, "--init_channels=8 differs"):
+            sweep.run_sweep(tiny_config(root, resume=True, init_channels=8), [1, 2])
         resumed = tiny_config(root, resume=True)
         rows = sweep.run_sweep(resumed, [1, 2])
         self.assertEqual(finished.stat().st_mtime_ns, finished_mtime)

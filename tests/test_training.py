@@ -225,18 +225,23 @@ class TrainRunTest(TestCase):
     @pytest.mark.slow
     def test_resume_continues_epochs_and_schedule(self):
         root = Path(temp_dir(self))
-        straight = training.train(tiny_config(root / "straight"))
+        # eval_every=2: the test split is evaluated at epoch 2 only (the last one).
+        straight = training.train(tiny_config(root / "straight", eval_every=2))
         with self.assertRaises(KeyboardInterrupt):
-            training.train(tiny_config(root / "split"), extra_callbacks=[StopAfter(1)])
+            training.train(
+                tiny_config(root / "split", eval_every=2), extra_callbacks=[StopAfter(1)]
+            )
         self.assertFalse((root / "split" / training.MODEL).exists())
         with self.assertRaisesRegex(UserInputError, "layers"):
             training.train(tiny_config(root / "split", layers=2, resume=True))
-        resumed = training.train(tiny_config(root / "split", resume=True))
+        resumed = training.train(tiny_config(root / "split", eval_every=2, resume=True))
         records = {}
         for run in ("straight", "split"):
             lines = (root / run / "metrics.jsonl").read_text().splitlines()
             records[run] = [json.loads(line) for line in lines]
         self.assertEqual([r["epoch"] for r in records["split"]], [1, 2])
+        for run in ("straight", "split"):
+            self.assertEqual(["test_accuracy" in r for r in records[run]], [False, True])
         for key in ("epoch", "learning_rate", "drop_path_prob"):
             self.assertEqual(
                 [r[key] for r in records["split"]], [r[key] for r in records["straight"]]

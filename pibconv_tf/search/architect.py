@@ -44,6 +44,17 @@ def all_reduce_sum(values):
     return context.all_reduce(tf.distribute.ReduceOp.SUM, list(values))
 
 
+def gradient(tape, loss, sources, loss_scale=None):
+    """grad(loss, sources) summed over replicas, through a `DynamicLossScale` if given.
+
+    The scale enters as the upstream gradient (so float16 backpropagation sees scaled
+    values) and is divided out after the all-reduce.
+    """
+    upstream = None if loss_scale is None else tf.cast(loss_scale.scale, loss.dtype)
+    grads = all_reduce_sum(tape.gradient(loss, sources, output_gradients=upstream))
+    return grads if loss_scale is None else loss_scale.unscale(grads)
+
+
 def _tf_variable(variable):
     # Keras variables wrap a tf.Variable, which is what GradientTape.watch accepts.
     return variable.value if isinstance(variable, keras.Variable) else variable
@@ -66,6 +77,7 @@ class Architect:
         momentum: the weight optimiser's momentum (mu).
         weight_decay: the weight optimiser's coupled weight decay (wd).
         hessian_radius: r of eps = r / ||v|| (0.01 in DARTS).
+        loss_scale: a `DynamicLossScale` (float16), or None.
 
     Example:
     ```python
@@ -87,6 +99,7 @@ class Architect:
         momentum=0.9,
         weight_decay=3e-4,
         hessian_radius=0.01,
+        loss_scale=None,
     ):
         if order not in ORDERS:
             raise ValueError(f"Unknown order {order!r}; expected one of {', '.join(ORDERS)}.")
@@ -96,6 +109,7 @@ class Architect:
         self.momentum = momentum
         self.weight_decay = weight_decay
         self.hessian_radius = hessian_radius
+        self.loss_scale = loss_scale
 
     @property
     def alphas(self):
@@ -129,8 +143,11 @@ class Architect:
             with tf.GradientTape(watch_accessed_variables=False) as tape:
                 tape.watch(self.alphas)
                 loss, logits = self.loss(val_batch)
-            return all_reduce_sum(tape.gradient(loss, self.alphas)), loss, logits
+            return self._gradient(tape, loss, self.alphas), loss, logits
         return self._finite_difference(train_batch, val_batch, xi, momentum_buffers)
+
+    def _gradient(self, tape, loss, sources):
+        return gradient(tape, loss, sources, self.loss_scale)
 
     def unrolled_weights(self, train_grads, xi, momentum_buffers=None):
         """w' = w - xi * (mu * m + g + wd * w): one virtual SGD step (no gradient clipping)."""
@@ -147,7 +164,7 @@ class Architect:
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(self.weights)
             loss, _ = self.loss(batch)
-        return all_reduce_sum(tape.gradient(loss, self.weights))
+        return self._gradient(tape, loss, self.weights)
 
     def _finite_difference(self, train_batch, val_batch, xi, momentum_buffers):
         unrolled = self.unrolled_weights(self._weight_gradients(train_batch), xi, momentum_buffers)
@@ -155,7 +172,7 @@ class Architect:
             tape.watch(self.alphas)
             tape.watch(unrolled)
             val_loss, val_logits = self.loss(val_batch, unrolled)
-        grads = all_reduce_sum(tape.gradient(val_loss, self.alphas + unrolled))
+        grads = self._gradient(tape, val_loss, self.alphas + unrolled)
         alpha_grads, vector = grads[: len(self.alphas)], grads[len(self.alphas) :]
         hvp = self.hessian_vector_product(vector, train_batch)
         alpha_grads = [g - tf.cast(xi, g.dtype) * h for g, h in zip(alpha_grads, hvp, strict=True)]
@@ -171,5 +188,5 @@ class Architect:
             with tf.GradientTape(watch_accessed_variables=False) as tape:
                 tape.watch(self.alphas)
                 loss, _ = self.loss(batch, shifted)
-            sides.append(all_reduce_sum(tape.gradient(loss, self.alphas)))
+            sides.append(self._gradient(tape, loss, self.alphas))
         return [(p - n) / (2.0 * eps) for p, n in zip(*sides, strict=True)]

@@ -300,18 +300,3 @@ def set_op_executor(model, executor):
     for op in mixed_ops:
         op.executor = executor
     return len(mixed_ops)
-
-
-def set_synchronized_batch_norm(model, synchronized=True):
-    """Makes every BatchNorm of `model` use cross-replica batch statistics (or not).
-
-    Under a MirroredStrategy each replica otherwise normalises with the statistics of its own
-    share of the batch, so the search differs from a one-device search with the same global
-    batch. Set before the train step is traced. Returns the number of layers changed.
-    """
-    count = 0
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.synchronized = synchronized
-            count += 1
-    return count

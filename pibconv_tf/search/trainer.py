@@ -20,6 +20,7 @@ import tensorflow as tf
 from keras import ops
 
 from pibconv_tf.search import architect as architect_lib
+from pibconv_tf.search import loss_scale as loss_scale_lib
 from pibconv_tf.search.network import set_op_executor
 from pibconv_tf.search.shared_trace import SharedTraces
 
@@ -39,7 +40,9 @@ class SearchTrainer(keras.Model):
         order: "first" or "second" (the one-step unrolled architecture gradient).
         grad_clip: global norm the weight gradient is clipped to (5 in DARTS).
         share_traces: trace each mixed-operation configuration once (`SharedTraces`) instead
-            of every edge; same numbers, a graph ~10x smaller and much faster to build.
+            of every edge: same numbers, a much smaller graph.
+        loss_scaling: scale the losses dynamically (`DynamicLossScale`); None turns it on
+            under the mixed_float16 policy.
 
     Call arguments:
         inputs: normalised images; returns the network's logits.
@@ -59,7 +62,15 @@ class SearchTrainer(keras.Model):
         Liu et al., DARTS, arXiv 1806.09055, Alg. 1.
     """
 
-    def __init__(self, network, order="first", grad_clip=5.0, share_traces=True, **kwargs):
+    def __init__(
+        self,
+        network,
+        order="first",
+        grad_clip=5.0,
+        share_traces=True,
+        loss_scaling=None,
+        **kwargs,
+    ):
         kwargs.setdefault("name", "search_trainer")
         super().__init__(**kwargs)
         self.network = network
@@ -67,6 +78,9 @@ class SearchTrainer(keras.Model):
         self.grad_clip = grad_clip
         self.share_traces = share_traces
         set_op_executor(network, SharedTraces() if share_traces else None)
+        if loss_scaling is None:
+            loss_scaling = keras.mixed_precision.global_policy().name == "mixed_float16"
+        self.loss_scale = loss_scale_lib.DynamicLossScale() if loss_scaling else None
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
         self.val_loss_tracker = keras.metrics.Mean(name="val_loss")
@@ -99,6 +113,7 @@ class SearchTrainer(keras.Model):
             order=self.order,
             momentum=getattr(weight_optimizer, "momentum", 0.0),
             weight_decay=getattr(weight_optimizer, "coupled_weight_decay", 0.0),
+            loss_scale=self.loss_scale,
         )
 
     @property
@@ -132,7 +147,9 @@ class SearchTrainer(keras.Model):
         alpha_grads, _, val_logits = self.architect.gradients(
             train_batch, val_batch, xi, self._momentum_buffers()
         )
-        _apply(self.arch_optimizer, alpha_grads, self.network.arch_parameters())
+        alphas_finite = self._update(
+            self.arch_optimizer, alpha_grads, self.network.arch_parameters()
+        )
 
         x, y = train_batch
         weights = self.architect.weights
@@ -140,16 +157,30 @@ class SearchTrainer(keras.Model):
             tape.watch(weights)
             logits = self.network(x, training=True)
             loss = self._replica_loss(y, logits)
-        grads = architect_lib.all_reduce_sum(tape.gradient(loss, weights))
+        grads = architect_lib.gradient(tape, loss, weights, self.loss_scale)
         grads, norm = clip_by_global_norm(grads, self.grad_clip)
-        _apply(self.optimizer, grads, self.network.weight_parameters())
+        weights_finite = self._update(self.optimizer, grads, self.network.weight_parameters())
+        if self.loss_scale is not None:
+            self.loss_scale.update(tf.logical_and(alphas_finite, weights_finite))
 
         self.loss_tracker.update_state(self.per_example_loss(y, logits))
         self.accuracy.update_state(y, logits)
-        self.val_loss_tracker.update_state(self.per_example_loss(val_batch[1], val_logits))
-        self.val_accuracy.update_state(val_batch[1], val_logits)
-        self.grad_norm.update_state(norm)
+        # A skipped float16 step (overflowed gradients) has no meaningful validation loss
+        # (the unrolled weights are not finite) or gradient norm: leave them out.
+        val_y = val_batch[1]
+        _track(self.val_loss_tracker, alphas_finite, self.per_example_loss(val_y, val_logits))
+        _track(self.val_accuracy, alphas_finite, val_y, val_logits)
+        _track(self.grad_norm, weights_finite, norm)
         return {metric.name: metric.result() for metric in self.metrics}
+
+    def _update(self, optimizer, grads, variables):
+        """Applies `grads`; with a loss scale, only if they are all finite (returned)."""
+        if self.loss_scale is None:
+            _apply(optimizer, grads, variables)
+            return None
+        finite = self.loss_scale.all_finite(grads)
+        loss_scale_lib.apply_if_finite(finite, lambda: _apply(optimizer, grads, variables))
+        return finite
 
     def test_step(self, data):
         x, y = data
@@ -163,6 +194,15 @@ def _cross_entropy(labels, logits):
     return keras.losses.sparse_categorical_crossentropy(
         labels, ops.cast(logits, "float32"), from_logits=True
     )
+
+
+def _track(metric, finite, *args):
+    if finite is None:
+        metric.update_state(*args)
+        return
+    weight = tf.cast(finite, tf.float32)
+    args = [tf.where(finite, a, tf.zeros_like(a)) for a in args]
+    metric.update_state(*args, sample_weight=weight * tf.ones_like(args[0], tf.float32))
 
 
 def _apply(optimizer, summed_grads, variables):

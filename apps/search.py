@@ -1,0 +1,118 @@
+r"""DARTS architecture search over a PIBConv (or other) search space.
+
+A quick run on the embedded digits (no download, a few minutes on a CPU):
+
+    python -m apps.search --dataset=digits --model_dir=runs/search --epochs=2 \
+        --layers=3 --init_channels=8 --batch_size=32
+
+The paper's search (CIFAR-10, prepared for TFDS in --data_dir; first order; add --unrolled
+for DARTS' second order):
+
+    python -m apps.search --dataset=cifar10 --model_dir=runs/search_pibconv
+
+Interrupted? Continue from the last epoch's checkpoint:
+
+    python -m apps.search --dataset=cifar10 --model_dir=runs/search_pibconv --resume
+
+Outputs in --model_dir: config.json, genotype.json (final), genotypes.jsonl, alphas.npz,
+metrics.jsonl, tensorboard/, checkpoints/.
+"""
+
+from apps import common  # noqa: I001 (first: sets the TensorFlow log level)
+
+from absl import flags
+
+from pibconv_tf import ops as ops_lib
+from pibconv_tf.search import run
+
+_SEARCH_SPACE = flags.DEFINE_string(
+    "search_space",
+    "pibconv",
+    f"Operation set to search over: {', '.join(ops_lib.SEARCH_SPACES)}.",
+)
+_INIT_CHANNELS = flags.DEFINE_integer("init_channels", 16, "C, channels of the first cells.")
+_LAYERS = flags.DEFINE_integer("layers", 8, "Cells of the search network (>= 3).")
+_NODES = flags.DEFINE_integer("nodes", 4, "Intermediate nodes per cell.")
+_EPOCHS = flags.DEFINE_integer("epochs", 50, "Search epochs (the cosine schedule's period).")
+_BATCH_SIZE = flags.DEFINE_integer(
+    "batch_size", 64, "Global batch size of the training and of the validation batches."
+)
+_LEARNING_RATE = flags.DEFINE_float(
+    "learning_rate",
+    0.0025,
+    "Initial SGD learning rate of the weights; the PIBConv paper uses 0.0025, DARTS 0.025.",
+)
+_LEARNING_RATE_MIN = flags.DEFINE_float(
+    "learning_rate_min", 0.001, "Final learning rate of the per-epoch cosine annealing."
+)
+_MOMENTUM = flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
+_WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 3e-4, "SGD L2 weight decay (coupled).")
+_GRAD_CLIP = flags.DEFINE_float("grad_clip", 5.0, "Global norm the weight gradient is clipped to.")
+_ARCH_LEARNING_RATE = flags.DEFINE_float(
+    "arch_learning_rate", 3e-4, "Adam learning rate of the architecture weights (alphas)."
+)
+_ARCH_WEIGHT_DECAY = flags.DEFINE_float(
+    "arch_weight_decay", 1e-3, "L2 weight decay added to the alphas' gradient."
+)
+_TRAIN_PORTION = flags.DEFINE_float(
+    "train_portion",
+    0.5,
+    "Share of the training split that trains the weights; the rest trains the alphas.",
+)
+_UNROLLED = flags.DEFINE_bool(
+    "unrolled", False, "Second-order DARTS: the one-step unrolled architecture gradient."
+)
+_STEPS_PER_EPOCH = flags.DEFINE_integer(
+    "steps_per_epoch", None, "Cap on the steps of an epoch (quick trials); default: all."
+)
+_STOP_AFTER_EPOCH = flags.DEFINE_integer(
+    "stop_after_epoch",
+    None,
+    "End the process after this epoch as if interrupted (to try --resume); the schedule "
+    "still spans --epochs.",
+)
+_RUN_EAGERLY = flags.DEFINE_bool(
+    "run_eagerly", False, "Run the train step eagerly (debugging; slow on big networks)."
+)
+_VERBOSE = flags.DEFINE_integer("verbose", 1, "Keras fit verbosity: 0 silent, 1 bar, 2 lines.")
+
+
+def main(argv):
+    del argv
+    config = {
+        "model_dir": common.MODEL_DIR.value,
+        "dataset": common.DATASET.value,
+        "data_dir": common.DATA_DIR.value,
+        "image_size": common.IMAGE_SIZE.value,
+        "seed": common.SEED.value,
+        "strategy": common.STRATEGY.value,
+        "resume": common.RESUME.value,
+        "overwrite": common.OVERWRITE.value,
+        "mixed_precision": common.MIXED_PRECISION.value,
+        "jit_compile": common.JIT_COMPILE.value,
+        "search_space": _SEARCH_SPACE.value,
+        "init_channels": _INIT_CHANNELS.value,
+        "layers": _LAYERS.value,
+        "nodes": _NODES.value,
+        "epochs": _EPOCHS.value,
+        "batch_size": _BATCH_SIZE.value,
+        "learning_rate": _LEARNING_RATE.value,
+        "learning_rate_min": _LEARNING_RATE_MIN.value,
+        "momentum": _MOMENTUM.value,
+        "weight_decay": _WEIGHT_DECAY.value,
+        "grad_clip": _GRAD_CLIP.value,
+        "arch_learning_rate": _ARCH_LEARNING_RATE.value,
+        "arch_weight_decay": _ARCH_WEIGHT_DECAY.value,
+        "train_portion": _TRAIN_PORTION.value,
+        "unrolled": _UNROLLED.value,
+        "steps_per_epoch": _STEPS_PER_EPOCH.value,
+        "stop_after_epoch": _STOP_AFTER_EPOCH.value,
+        "run_eagerly": _RUN_EAGERLY.value,
+        "verbose": _VERBOSE.value,
+    }
+    genotype = run.run_search(config)
+    print(genotype.to_json(indent=2))
+
+
+if __name__ == "__main__":
+    common.run(main)

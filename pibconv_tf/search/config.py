@@ -1,0 +1,128 @@
+"""The configuration of a search run, with the paper's defaults and early validation.
+
+Defaults follow the PIBConv paper's Section 4 (DARTS' search setting): C=16, 8 layers,
+4 nodes, 50 epochs, batch 64, SGD lr 0.0025 (DARTS: 0.025) cosine-annealed to 0.001,
+momentum 0.9, weight decay 3e-4, gradient clip 5; Adam 3e-4 with betas (0.5, 0.999) and
+weight decay 1e-3 for the alphas; half of the training split trains the weights, the other
+half the architecture.
+"""
+
+import dataclasses
+import numbers
+
+from pibconv_tf import ops as ops_lib
+from pibconv_tf.errors import UserInputError
+
+PRECISIONS = (None, "mixed_float16", "mixed_bfloat16")
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker_mirrored")
+
+
+@dataclasses.dataclass
+class SearchConfig:
+    """Every setting of `run_search`; see `apps/search.py` for their help texts."""
+
+    model_dir: str | None = None
+    dataset: str = "cifar10"
+    data_dir: str | None = None
+    image_size: int = 32
+    seed: int = 0
+    strategy: str = "auto"
+    resume: bool = False
+    overwrite: bool = False
+    mixed_precision: str | None = None
+    jit_compile: bool = False
+    search_space: str = "pibconv"
+    init_channels: int = 16
+    layers: int = 8
+    nodes: int = 4
+    epochs: int = 50
+    batch_size: int = 64
+    learning_rate: float = 0.0025
+    learning_rate_min: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: float = 5.0
+    arch_learning_rate: float = 3e-4
+    arch_weight_decay: float = 1e-3
+    train_portion: float = 0.5
+    unrolled: bool = False
+    steps_per_epoch: int | None = None
+    stop_after_epoch: int | None = None
+    run_eagerly: bool = False
+    verbose: int = 1
+
+    # Settings that may differ between a run and its resumption.
+    RESUME_MAY_CHANGE = frozenset(
+        {"resume", "overwrite", "stop_after_epoch", "verbose", "run_eagerly", "data_dir"}
+    )
+
+    @classmethod
+    def from_dict(cls, values):
+        names = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise UserInputError(f"Unknown search settings {unknown}; known are {sorted(names)}.")
+        return cls(**values)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    def validate(self):
+        """Raises UserInputError with one sentence for the first bad setting."""
+        if not self.model_dir:
+            raise UserInputError("--model_dir is required: where the run writes its outputs.")
+        if self.search_space not in ops_lib.SEARCH_SPACES:
+            _bad("search_space", self.search_space, f"one of {', '.join(ops_lib.SEARCH_SPACES)}")
+        if self.strategy not in STRATEGIES:
+            _bad("strategy", self.strategy, f"one of {', '.join(STRATEGIES)}")
+        if self.mixed_precision not in PRECISIONS:
+            _bad("mixed_precision", self.mixed_precision, "mixed_float16 or mixed_bfloat16")
+        _check_int("init_channels", self.init_channels, 2, "an even integer >= 2")
+        if self.init_channels % 2:
+            _bad("init_channels", self.init_channels, "an even integer >= 2")
+        _check_int("layers", self.layers, 3, "an integer >= 3 (a normal and two reductions)")
+        _check_int("nodes", self.nodes, 1, "an integer >= 1")
+        _check_int("epochs", self.epochs, 1, "an integer >= 1")
+        _check_int("batch_size", self.batch_size, 1, "a positive integer")
+        _check_int("image_size", self.image_size, 8, "an integer >= 8")
+        if self.steps_per_epoch is not None:
+            _check_int("steps_per_epoch", self.steps_per_epoch, 1, "a positive integer")
+        if self.stop_after_epoch is not None:
+            _check_int("stop_after_epoch", self.stop_after_epoch, 1, "an epoch from 1")
+        for name in ("learning_rate", "arch_learning_rate"):
+            _check_float(name, getattr(self, name), 0.0, None, "a number > 0", open_low=True)
+        _check_float("learning_rate_min", self.learning_rate_min, 0.0, None, "a number >= 0")
+        if self.learning_rate_min > self.learning_rate:
+            _bad("learning_rate_min", self.learning_rate_min, "at most --learning_rate")
+        _check_float("momentum", self.momentum, 0.0, 1.0, "a number in [0, 1)", open_high=True)
+        for name in ("weight_decay", "arch_weight_decay"):
+            _check_float(name, getattr(self, name), 0.0, None, "a number >= 0")
+        _check_float("grad_clip", self.grad_clip, 0.0, None, "a number > 0", open_low=True)
+        _check_float(
+            "train_portion",
+            self.train_portion,
+            0.0,
+            1.0,
+            "a fraction strictly between 0 and 1",
+            open_low=True,
+            open_high=True,
+        )
+        return self
+
+
+def _bad(name, value, accepted):
+    raise UserInputError(f"--{name}={value!r} is not valid; expected {accepted}.")
+
+
+def _check_int(name, value, minimum, accepted):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        _bad(name, value, accepted)
+
+
+def _check_float(name, value, low, high, accepted, open_low=False, open_high=False):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        _bad(name, value, accepted)
+    too_low = value <= low if open_low else value < low
+    too_high = high is not None and (value >= high if open_high else value > high)
+    if too_low or too_high or value != value:
+        _bad(name, value, accepted)

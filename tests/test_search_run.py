@@ -1,0 +1,185 @@
+"""Tests for pibconv_tf/search/run.py and apps/search.py: outputs, resume, bad input.
+
+Runs are tiny (the embedded digits at 8x8, the 8-operation DARTS space, C=4, 3 cells of one
+node, batches of 8, 2 steps per epoch). The library runs in-process and eagerly (each mixed
+operation still runs as a traced function); the app runs in a subprocess, traced as users
+run it.
+"""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pibconv_tf.genotypes import Genotype
+from pibconv_tf.search.config import SearchConfig
+from pibconv_tf.search.run import run_search
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = {
+    "dataset": "digits",
+    "image_size": 8,
+    "search_space": "darts",
+    "init_channels": 4,
+    "layers": 3,
+    "nodes": 1,
+    "epochs": 2,
+    "batch_size": 8,
+    "steps_per_epoch": 2,
+    "run_eagerly": True,
+    "verbose": 0,
+}
+OUTPUTS = ("config.json", "genotype.json", "genotypes.jsonl", "alphas.npz", "metrics.jsonl")
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def complete_run(tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("search") / "complete"
+    genotype = run_search({**TINY, "model_dir": str(model_dir)})
+    return model_dir, genotype
+
+
+@pytest.mark.slow
+def test_search_writes_every_output_and_moves_the_alphas(complete_run):
+    model_dir, genotype = complete_run
+    for name in OUTPUTS:
+        assert (model_dir / name).is_file(), name
+    assert any((model_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    assert any((model_dir / "checkpoints").glob("ckpt-2.index"))
+    assert Genotype.from_json((model_dir / "genotype.json").read_text()) == genotype
+    assert genotype.search_space == "darts"
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["layers"] == 3 and config["learning_rate"] == 0.0025
+    assert config["dataset_info"]["name"] == "digits"
+
+    with np.load(model_dir / "alphas.npz") as alphas:
+        normal, reduce = alphas["normal"], alphas["reduce"]
+        assert list(alphas["primitives"])[0] == "none"
+    assert normal.shape == reduce.shape == (2, 2, 8)  # epochs x edges x operations
+    np.testing.assert_allclose(normal.sum(axis=-1), 1.0, rtol=1e-5)
+    assert np.abs(normal - 1 / 8).max() > 1e-5  # moved away from the ~uniform start
+    assert np.abs(normal[1] - normal[0]).max() > 1e-6  # and again in epoch 2
+
+    genotypes = read_jsonl(model_dir / "genotypes.jsonl")
+    assert [g["epoch"] for g in genotypes] == [1, 2]
+    assert Genotype.from_dict(genotypes[-1]["genotype"]) == genotype
+    metrics = read_jsonl(model_dir / "metrics.jsonl")
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds"):
+        assert all(np.isfinite(m[key]) for m in metrics), key
+    assert metrics[0]["lr"] == pytest.approx(0.0025)
+    assert metrics[1]["lr"] == pytest.approx(0.001 + 0.0015 * 0.5)  # cosine at epoch 1 of 2
+
+
+@pytest.mark.slow
+def test_resume_ends_with_the_files_of_an_uninterrupted_run(complete_run, tmp_path):
+    complete_dir, genotype = complete_run
+    model_dir = tmp_path / "interrupted"
+    run_search({**TINY, "model_dir": str(model_dir), "stop_after_epoch": 1})
+    assert not (model_dir / "genotype.json").exists()
+    assert len(read_jsonl(model_dir / "metrics.jsonl")) == 1
+    resumed = run_search({**TINY, "model_dir": str(model_dir), "resume": True})
+
+    assert resumed == genotype
+    assert (model_dir / "genotype.json").read_text() == (complete_dir / "genotype.json").read_text()
+    assert read_jsonl(model_dir / "genotypes.jsonl") == read_jsonl(complete_dir / "genotypes.jsonl")
+    # A resume that lost the optimiser state or the data position moves the alphas by
+    # ~1e-5 (softmax of Adam steps of 3e-4); rounding differences are ~1e-8.
+    with np.load(model_dir / "alphas.npz") as got, np.load(complete_dir / "alphas.npz") as want:
+        for kind in ("normal", "reduce"):
+            np.testing.assert_allclose(got[kind], want[kind], rtol=0, atol=1e-7)
+    got, want = read_jsonl(model_dir / "metrics.jsonl"), read_jsonl(complete_dir / "metrics.jsonl")
+    assert [m["epoch"] for m in got] == [1, 2]
+    for a, b in zip(got, want, strict=True):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+
+
+def test_resume_refuses_a_changed_network(complete_run):
+    model_dir, _ = complete_run
+    before = (model_dir / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match="--init_channels=8 differs"):
+        run_search({**TINY, "model_dir": str(model_dir), "resume": True, "init_channels": 8})
+    assert (model_dir / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize(
+    "setting, value, message",
+    [
+        ("train_portion", 1.5, "--train_portion=1.5"),
+        ("layers", 2, "--layers=2"),
+        ("search_space", "nope", "--search_space='nope'"),
+        ("learning_rate_min", 0.1, "--learning_rate_min=0.1"),
+        ("model_dir", None, "--model_dir is required"),
+    ],
+)
+def test_config_validation_names_the_setting(setting, value, message):
+    with pytest.raises(ValueError, match=message):
+        SearchConfig.from_dict({**TINY, "model_dir": "unused", setting: value}).validate()
+
+
+def run_app(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "apps.search", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+APP_TINY = [
+    "--dataset=digits",
+    "--image_size=8",
+    "--search_space=darts",
+    "--init_channels=4",
+    "--layers=3",
+    "--nodes=1",
+    "--batch_size=8",
+    "--steps_per_epoch=2",
+    "--verbose=0",
+]
+
+
+@pytest.mark.parametrize(
+    "flag, expected",
+    [
+        ("--search_space=resnet", "--search_space='resnet' is not valid"),
+        ("--train_portion=1.0", "--train_portion=1.0 is not valid"),
+    ],
+)
+def test_app_rejects_bad_input_with_one_sentence(tmp_path, flag, expected):
+    result = run_app(*APP_TINY, f"--model_dir={tmp_path / 'run'}", "--epochs=1", flag)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and expected in lines[-1]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_app_refuses_a_non_empty_model_dir(tmp_path):
+    model_dir = tmp_path / "run"
+    model_dir.mkdir()
+    (model_dir / "notes.txt").write_text("keep me")
+    result = run_app(*APP_TINY, f"--model_dir={model_dir}", "--epochs=1")
+    assert result.returncode == 1
+    assert "is not empty; pass --resume" in result.stderr.strip().splitlines()[-1]
+    assert [p.name for p in model_dir.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.slow
+def test_app_runs_a_traced_first_order_search(tmp_path):
+    model_dir = tmp_path / "run"
+    result = run_app(*APP_TINY, f"--model_dir={model_dir}", "--epochs=1")
+    assert result.returncode == 0, result.stderr
+    genotype = Genotype.from_json((model_dir / "genotype.json").read_text())
+    assert json.loads(result.stdout[result.stdout.index("{") :]) == genotype.to_dict()
+    for name in OUTPUTS:
+        assert (model_dir / name).is_file(), name
