@@ -30,12 +30,12 @@ class PipelineConfig:
     data_dir: str | None = None
     seed: int = 0
     search_space: str = "pibconv"
-    search_epochs: int = 3
+    search_epochs: int = 2
     search_layers: int = 3
     search_channels: int = 8
     search_batch_size: int = 32
     search_steps_per_epoch: int = 0
-    train_epochs: int = 15
+    train_epochs: int = 10
     train_layers: int = 2
     train_channels: int = 16
     train_batch_size: int = 32
