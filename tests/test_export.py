@@ -184,9 +184,16 @@ def test_fp32_tflite_matches_keras(
     # BatchNorm folded into the convolutions: no rsqrt, and fewer multiplies than norms.
     assert "RSQRT" not in counts
     assert counts.get("MUL", 0) < count_batch_norms(export.load_inference_model(path))
-    if genotype_name == "PIBCONV":
-        # Only the depthwise form sums channel pairs with a 5-D RESHAPE + SUM.
-        assert ("SUM" in counts) == (implementation == "depthwise")
+    if genotype_name == "PIBCONV" and implementation != "depthwise":
+        # split: channel halves added (no 5-D RESHAPE + SUM); grouped: one CONV_2D each.
+        assert "SUM" not in counts
+        layers = export.load_inference_model(path)._flatten_layers(include_self=False)
+        pib_convs = sum(isinstance(layer, pib_conv.PIBConv) for layer in layers)
+        split = tflite.op_counts(fp32_tflite(genotype_name, "split"))
+        if implementation == "split":
+            assert counts["STRIDED_SLICE"] >= 2 * pib_convs
+        else:
+            assert counts["CONV_2D"] == split["CONV_2D"] + pib_convs
 
 
 @pytest.mark.parametrize("genotype_name, io_type", [("PIBCONV", "uint8"), ("DARTS_V2", "int8")])
