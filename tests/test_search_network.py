@@ -156,3 +156,45 @@ def test_alphas_stay_float32_under_mixed_precision():
     assert all(alpha.dtype == "float32" for alpha in net.arch_parameters())
     assert logits.dtype == "bfloat16"
     assert np.isfinite(keras.ops.convert_to_numpy(keras.ops.cast(logits, "float32"))).all()
+
+
+def test_shared_traces_compute_what_the_layers_compute():
+    import tensorflow as tf  # the executor is TensorFlow's; the model code is not
+
+    from pibconv_tf.search.shared_trace import SharedTraces
+
+    # In float64, so that the comparison is not blurred by float32 rounding (BatchNorm over
+    # 2 images at 2x2 amplifies it to ~1e-4 of the gradients); the two paths are the same
+    # arithmetic and agree to ~1e-14.
+    policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float64")
+    try:
+        net = tiny_network()
+        x = keras.random.normal((2, 8, 8, 3), seed=3, dtype="float64")
+    finally:
+        keras.config.set_dtype_policy(policy)
+    statistics = net.non_trainable_variables
+    start = [v.numpy().copy() for v in statistics]
+    sources = [v.value for v in net.trainable_variables]
+
+    def run(executor):
+        for variable, value in zip(statistics, start, strict=True):
+            variable.assign(value)
+        assert network_lib.set_op_executor(net, executor) == 15  # 3 cells x 5 edges
+        with tf.GradientTape() as tape:
+            logits = net(x, training=True)
+            loss = tf.reduce_sum(tf.square(logits))
+        grads = tape.gradient(loss, sources)
+        return logits.numpy(), [g.numpy() for g in grads], [v.numpy() for v in statistics]
+
+    plain = run(None)
+    executor = SharedTraces()
+    shared = run(executor)
+    # 15 edges, 5 configurations: C=4 stride 1 (8x8); C=8 stride 2 (8x8) and 1 (4x4);
+    # C=16 stride 2 (4x4) and 1 (2x2).
+    assert executor.num_functions == 5
+    assert shared[0].dtype == np.float64
+    np.testing.assert_allclose(shared[0], plain[0], rtol=1e-10, atol=1e-12)
+    for got, want in zip(shared[1] + shared[2], plain[1] + plain[2], strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+    assert not np.allclose(plain[2][-1], start[-1])  # the statistics did move

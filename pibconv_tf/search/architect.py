@@ -30,6 +30,8 @@ Reference:
     Liu et al., DARTS, arXiv 1806.09055, Sec. 2.3 (Eq. 6-8), `cnn/architect.py`.
 """
 
+import contextlib
+
 import keras
 import tensorflow as tf
 
@@ -184,7 +186,10 @@ class Architect:
         weights = [tf.convert_to_tensor(w) for w in self.weights]
         sides = []
         for sign in (1.0, -1.0):
-            shifted = [w + sign * eps * v for w, v in zip(weights, vector, strict=True)]
+            # The two passes are independent; run them one after the other, so that their
+            # activations are not held in memory at the same time.
+            with tf.control_dependencies(sides[0]) if sides else contextlib.nullcontext():
+                shifted = [w + sign * eps * v for w, v in zip(weights, vector, strict=True)]
             with tf.GradientTape(watch_accessed_variables=False) as tape:
                 tape.watch(self.alphas)
                 loss, _ = self.loss(batch, shifted)
