@@ -142,6 +142,7 @@ def config_from_flags():
         isolate=_ISOLATE.value,
         intra_op_threads=_INTRA_OP_THREADS.value,
         inter_op_threads=_INTER_OP_THREADS.value,
+        graph_optimizer=common.GRAPH_OPTIMIZER.value,
         seed=common.SEED.value,
         output=_OUTPUT.value,
     ).validate()

@@ -43,6 +43,7 @@ PIPELINES = ("train", "search")
 IMPLEMENTATIONS = ("depthwise", "grouped")
 TFLITE_IMPLEMENTATIONS = ("split", *IMPLEMENTATIONS)  # export_tflite.PIB_IMPLEMENTATIONS
 TFLITE_EXTRAS = ("bytes", "convert_seconds", "top1_agreement_with_fp32", "accuracy", "eval_images")
+GRAPH_OPTIMIZER_MODES = ("auto", "on", "off")  # distribute.GRAPH_OPTIMIZER_MODES
 SEARCH_SPACES = ("darts", "darts_gelu", "darts_gelu_ln", "convnext", "pibconv")
 
 # The authors' PyTorch code on this CPU class (2 cores, AVX-512), from the project brief:
@@ -100,6 +101,8 @@ class BenchmarkConfig:
         pipelines: "train" (`data.train_pipeline`) and/or "search" (`data.search_pipeline`).
         isolate: run every measurement in its own process (per-measurement peak memory).
         intra_op_threads, inter_op_threads: TensorFlow thread pools (0: TensorFlow's choice).
+        graph_optimizer: TensorFlow's graph optimiser, "auto" (on with a GPU, off on a CPU),
+            "on" or "off" (`distribute.configure_graph_optimizer`).
         seed: initialisation and data seed.
         output: JSON-lines file the records are appended to (None: none).
     """
@@ -138,6 +141,7 @@ class BenchmarkConfig:
     isolate: bool = True
     intra_op_threads: int = 0
     inter_op_threads: int = 0
+    graph_optimizer: str = "auto"
     seed: int = 0
     output: str | None = None
 
@@ -163,6 +167,7 @@ class BenchmarkConfig:
             ("implementation", IMPLEMENTATIONS),
             ("tflite_implementation", TFLITE_IMPLEMENTATIONS),
             ("search_space", SEARCH_SPACES),
+            ("graph_optimizer", GRAPH_OPTIMIZER_MODES),
         ):
             if getattr(self, name) not in accepted:
                 raise UserInputError(
@@ -310,9 +315,10 @@ def run_benchmarks(config, on_record=None):
             on_record(record)
 
     threads = {"intra_op": config.intra_op_threads, "inter_op": config.inter_op_threads}
+    runtime = {"threads": threads, "graph_optimizer": config.graph_optimizer}
     with tempfile.TemporaryDirectory(prefix="pibconv_benchmark_") as workdir:
         for index, spec in enumerate(measurement_specs(config)):
-            spec = {**spec, "workdir": os.path.join(workdir, str(index)), "threads": threads}
+            spec = {**spec, "workdir": os.path.join(workdir, str(index)), **runtime}
             os.makedirs(spec["workdir"])
             for record in _run_spec(spec, config.isolate):
                 timings = record.pop("timings", None)
@@ -320,7 +326,7 @@ def run_benchmarks(config, on_record=None):
                     emit(record)
                     continue
                 for timing in timings:  # TFLite: converted in one process, timed in others
-                    for result in _run_spec({**timing, "threads": threads}, config.isolate):
+                    for result in _run_spec({**timing, **runtime}, config.isolate):
                         emit(result)
     return records
 
@@ -364,7 +370,12 @@ def run_measurement(spec, scope="measurement"):
             from pibconv_tf import benchmark_measures  # noqa: PLC0415 (loads TensorFlow)
 
             benchmark_measures.set_threads(threads.get("intra_op", 0), threads.get("inter_op", 0))
+            graph_optimizer = benchmark_measures.set_graph_optimizer(
+                spec.get("graph_optimizer", "auto")
+            )
             records = benchmark_measures.MEASURES[spec["what"]](spec)
+            for record in records:
+                record.setdefault("graph_optimizer", graph_optimizer)
     except UserInputError:
         raise
     except Exception as error:  # noqa: BLE001 (one failed measurement must not stop the rest)

@@ -2,9 +2,9 @@
 
 Each measurement takes a spec {"what", "params", "workdir"} and returns a list of records
 {"what", "config", "status", figures...}; `benchmark.finish_record` adds the common keys.
-The search step is timed by its owner's `search.benchmark.benchmark_search_step`; the train
-step is `train_benchmark.benchmark_train_step`'s, timed here so that its records carry
-process CPU time as well.
+The search and train steps are timed by their owners' functions
+(`search.benchmark.benchmark_search_step`, `train_benchmark.benchmark_train_step`), so the
+harness reports what those report.
 """
 
 import os
@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from pibconv_tf import benchmark as harness
-from pibconv_tf import cells, data, distribute, export, genotypes, networks, pib_conv, training
+from pibconv_tf import data, distribute, export, genotypes, networks, pib_conv, train_benchmark
 from pibconv_tf import export_tflite as tflite
 from pibconv_tf.errors import UserInputError
 from pibconv_tf.timing import time_calls
@@ -24,6 +24,11 @@ from pibconv_tf.timing import time_calls
 SYNTHETIC = "synthetic"
 CALIBRATION_IMAGES = 100
 _SYNTHETIC_STATS = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+
+
+def set_graph_optimizer(mode):
+    """`distribute.configure_graph_optimizer(mode)`: whether Grappler is on in this process."""
+    return distribute.configure_graph_optimizer(mode)
 
 
 def set_threads(intra_op=0, inter_op=0):
@@ -101,43 +106,38 @@ def search_step(spec):
 
 
 def train_step(spec):
-    """One training step of the derived network, timed in wall and process CPU time.
-
-    The step is `train_benchmark.benchmark_train_step`'s: `training.AuxiliaryTrainer`'s
-    train_step (forward, auxiliary loss 0.4, backward, TorchSGD with clipping and weight
-    decay) with drop path active at 0.1, on one batch of random images.
-    """
+    """One training step of the derived network (auxiliary head, drop path, TorchSGD)."""
     p = spec["params"]
     mixed = None if p["precision"] == "float32" else p["precision"]
     if mixed == "mixed_float16" and not _has_gpu():
         reason = "mixed_float16 needs a GPU; on a CPU it only adds casts (float16 has no fast path)"
         return [{"what": "train_step", "config": p, "status": "skipped", "reason": reason}]
-    config = training.TrainConfig(
+    stats = train_benchmark.benchmark_train_step(
+        p["genotype"],
+        p["layers"],
         init_channels=p["init_channels"],
-        layers=p["layers"],
         batch_size=p["batch_size"],
-        mixed_precision=mixed,
+        steps=p["repeats"],
+        warmup=p["warmup"],
         jit_compile=p["jit_compile"],
+        mixed_precision=mixed,
+        image_size=p["image_size"],
+        num_classes=p["num_classes"],
+        implementation=p["implementation"],
         seed=p["seed"],
-    ).validate()
-    keras.utils.set_random_seed(p["seed"])
-    genotype = genotypes.load_genotype(p["genotype"])
-    with training.dtype_policy(mixed):
-        network, trainer, _ = training.build_trainer(
-            config, genotype, p["num_classes"], p["image_size"]
-        )
-        pib_conv.set_implementation(network, p["implementation"])
-        cells.set_drop_path_rate(network, 0.1)  # mid-ramp: drop path does work
-        step = tf.function(trainer.train_step, jit_compile=p["jit_compile"])
-        rng = np.random.default_rng(p["seed"])
-        size, batch = p["image_size"], p["batch_size"]
-        images = tf.constant(rng.normal(size=(batch, size, size, 3)), tf.float32)
-        labels = tf.constant(rng.integers(0, p["num_classes"], batch), tf.int32)
-        timing = time_calls(
-            lambda: float(step((images, labels))["loss"]), p["repeats"], p["warmup"]
-        )
-    parameters = int(sum(np.prod(v.shape) for v in network.trainable_variables))
-    return [_record("train_step", p, timing, batch, False, parameters=parameters, device=_device())]
+    )
+    timing = {"seconds": stats["step_seconds"], "first_call_seconds": stats["first_step_seconds"]}
+    record = _record(
+        "train_step",
+        p,
+        timing,
+        p["batch_size"],
+        latency=False,
+        parameters=stats["params"],
+        device=stats["device"],
+    )
+    record["cpu_ms_per_call"] = {"median": 1e3 * stats["cpu_seconds_per_step"]}
+    return [record]
 
 
 def _network(p):

@@ -5,6 +5,7 @@ import tensorflow as tf
 from pibconv_tf.errors import UserInputError
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker_mirrored")
+GRAPH_OPTIMIZER_MODES = ("auto", "on", "off")
 
 
 def get_strategy(name="auto", devices=None):
@@ -35,6 +36,32 @@ def get_strategy(name="auto", devices=None):
     if name == "mirrored":
         return tf.distribute.MirroredStrategy(devices=devices)
     return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def configure_graph_optimizer(mode="auto"):
+    """Turns TensorFlow's graph optimiser (Grappler) on or off for this process.
+
+    Grappler rewrites every traced graph before its first run. On a CPU it brings no
+    measurable steady-state gain to these networks (no biases or fused batch norms to fuse)
+    but costs minutes of the first step: 430 of the 456 s before the first search step of the
+    paper's 8-cell search network, 60 of 75 s at a 10-cell training step. On a GPU it
+    converts convolutions to the faster channels-first layout, so keep it there.
+
+    Args:
+        mode: "auto" (on when a GPU is visible, off otherwise), "on" or "off". Applies to
+            functions traced or first run after the call.
+
+    Returns:
+        Whether the optimiser is on.
+    """
+    if mode not in GRAPH_OPTIMIZER_MODES:
+        raise UserInputError(
+            f"Unknown --graph_optimizer {mode!r}; expected one of "
+            f"{', '.join(GRAPH_OPTIMIZER_MODES)}."
+        )
+    enabled = mode == "on" or (mode == "auto" and bool(tf.config.list_physical_devices("GPU")))
+    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": not enabled})
+    return enabled
 
 
 def device_description():

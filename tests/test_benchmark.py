@@ -94,6 +94,7 @@ def test_app_measures_steps_inference_and_pipelines(tmp_path):
     assert {r["unit"] for r in records if r["what"] == "inference"} == {"ms"}
     assert [r["config"]["batch_size"] for r in records[3:6]] == [1, 1, 1]
     assert records[-2]["images_per_epoch"] == 16 // 2 * 2
+    assert {r["graph_optimizer"] for r in records} == {False}  # auto on a CPU: off
     config = json.loads((output.parent / "config.json").read_text())
     assert config["what"] == ["search_step", "train_step", "inference", "pipeline"]
     # The table: one row per record and the pipeline / train-step ratio.
@@ -235,3 +236,23 @@ def test_table_lists_every_record_and_the_ratios():
     assert "outruns train PIBCONV L=2 C=36 float32: 50.0x" in table
     assert "tflite_int8 PIBCONV L=2 C=36 threads=1: 2.00x the speed of fp32" in table
     assert "skipped: needs a GPU" in table
+
+
+def test_graph_optimizer_is_off_on_a_cpu_unless_asked_for():
+    import tensorflow as tf
+
+    from pibconv_tf import distribute
+
+    def disabled():
+        return tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer")
+
+    try:
+        assert distribute.configure_graph_optimizer("on") is True and disabled() is False
+        assert distribute.configure_graph_optimizer("off") is False and disabled() is True
+        has_gpu = bool(tf.config.list_physical_devices("GPU"))
+        assert distribute.configure_graph_optimizer("auto") is has_gpu
+        assert disabled() is not has_gpu
+        with pytest.raises(UserInputError, match="graph_optimizer"):
+            distribute.configure_graph_optimizer("fast")
+    finally:
+        distribute.configure_graph_optimizer("auto")

@@ -33,7 +33,7 @@ def benchmark_search_step(
     image_size=32,
     implementation="depthwise",
     share_traces=True,
-    graph_optimization=True,
+    graph_optimizer=None,
     seed=0,
 ):
     """Times the search train step (architecture + weight update) on random data.
@@ -54,8 +54,8 @@ def benchmark_search_step(
         image_size: H = W of the random images.
         implementation: PIBConv's grouped convolution, "depthwise" or "grouped".
         share_traces: trace each mixed-operation configuration once (`SharedTraces`).
-        graph_optimization: run TensorFlow's graph optimiser (grappler); a process-wide
-            setting.
+        graph_optimizer: None keeps the process' setting; "auto", "on" or "off" sets it
+            (`distribute.configure_graph_optimizer`, process-wide).
         seed: random seed.
 
     Returns:
@@ -63,7 +63,8 @@ def benchmark_search_step(
         `step_seconds` (all timed steps), `trace_seconds`, `first_step_seconds`,
         `peak_rss_mb`, `params` (weights, without the alphas) and `device`.
     """
-    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": not graph_optimization})
+    if graph_optimizer is not None:
+        distribute.configure_graph_optimizer(graph_optimizer)
     keras.utils.set_random_seed(seed)
     network = SearchNetwork(10, init_channels, layers, nodes, nodes, search_space, seed=seed)
     build_network(network, image_size)
@@ -107,7 +108,9 @@ def benchmark_search_step(
         "implementation": implementation,
         "jit_compile": jit_compile,
         "share_traces": share_traces,
-        "graph_optimization": graph_optimization,
+        "graph_optimizer": not tf.config.optimizer.get_experimental_options().get(
+            "disable_meta_optimizer", False
+        ),
         "images_per_second": batch_size / median,
         "median_step_seconds": median,
         "step_seconds": times,

@@ -1,0 +1,7 @@
+"""Test-session settings shared by every test module."""
+
+from pibconv_tf import distribute
+
+# As the apps do by default (--graph_optimizer=auto): no Grappler on a CPU, where it only
+# lengthens the first call of every traced function.
+distribute.configure_graph_optimizer("auto")
