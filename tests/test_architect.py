@@ -217,7 +217,9 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 import keras
 import numpy as np
 
-from pibconv_tf import optim
+from pibconv_tf import distribute, optim
+
+distribute.configure_graph_optimizer("auto")  # as the apps: no Grappler on a CPU
 from pibconv_tf.search.network import SearchNetwork, build_network
 from pibconv_tf.search.trainer import SearchTrainer
 

@@ -270,6 +270,7 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras
 from pibconv_tf import data, distribute, genotypes, training
+distribute.configure_graph_optimizer("auto")  # as the apps: no Grappler on a CPU
 config = training.TrainConfig(init_channels=4, layers=1, grad_clip=0.01, weight_decay=3e-4)
 source = data.load_source("digits", image_size=8)
 images, labels = source.numpy("train", limit=8)
