@@ -63,7 +63,7 @@ _UNROLLED = flags.DEFINE_bool(
     "unrolled", False, "Second-order DARTS: the one-step unrolled architecture gradient."
 )
 _STEPS_PER_EPOCH = flags.DEFINE_integer(
-    "steps_per_epoch", None, "Cap on the steps of an epoch (quick trials); default: all."
+    "steps_per_epoch", None, "Cap on the steps of an epoch (quick trials); 0 or unset: all."
 )
 _STOP_AFTER_EPOCH = flags.DEFINE_integer(
     "stop_after_epoch",

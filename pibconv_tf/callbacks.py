@@ -6,6 +6,7 @@ epoch counter), and a non-finite loss stops the run before a bad checkpoint is w
 """
 
 import math
+import pathlib
 import time
 
 import keras
@@ -95,8 +96,13 @@ class StopOnNonFinite(keras.callbacks.Callback):
     def check(self, checkpoint_dir):
         if self.bad_batch is not None:
             epoch, batch, logs = self.bad_batch
+            saved = (pathlib.Path(checkpoint_dir) / "checkpoint").is_file()
+            kept = (
+                f"the last good checkpoint in {checkpoint_dir} was kept"
+                if saved
+                else "no epoch had completed, so there is no checkpoint to resume from"
+            )
             raise RunError(
                 f"The loss became non-finite ({logs}) at epoch {epoch + 1}, batch {batch + 1}; "
-                f"the run stopped and the last good checkpoint in {checkpoint_dir} was kept "
-                "(try a lower learning rate, or mixed precision off)."
+                f"the run stopped and {kept} (try a lower learning rate, or mixed precision off)."
             )

@@ -13,7 +13,9 @@ import sys
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
+from pibconv_tf.errors import RunError
 from pibconv_tf.genotypes import Genotype
 from pibconv_tf.search.config import SearchConfig
 from pibconv_tf.search.run import run_search
@@ -100,6 +102,42 @@ def test_resume_ends_with_the_files_of_an_uninterrupted_run(complete_run, tmp_pa
     for a, b in zip(got, want, strict=True):
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    model_dir = tmp_path / "diverging"
+    # One step per epoch, an absurd learning rate and no effective clipping: epoch 1's loss
+    # is computed before its update and is finite; epoch 2's overflows.
+    diverging = {"learning_rate": 1e12, "learning_rate_min": 1e11, "grad_clip": 1e30}
+    config = {**TINY, **diverging, "steps_per_epoch": 1, "epochs": 4}
+    with pytest.raises(RunError, match="non-finite") as error:
+        run_search({**config, "model_dir": str(model_dir)})
+    assert "epoch 2, batch 1" in str(error.value) and "last good checkpoint" in str(error.value)
+    assert not (model_dir / "genotype.json").exists()
+    saved = tf.train.get_checkpoint_state(str(model_dir / "checkpoints"))
+    assert [p.rsplit("-", 1)[1] for p in saved.all_model_checkpoint_paths] == ["1"]
+    reader = tf.train.load_checkpoint(saved.model_checkpoint_path)
+    for name in reader.get_variable_to_shape_map():
+        value = reader.get_tensor(name)
+        if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+            assert np.isfinite(value).all(), name
+    # The bad epoch's metrics are recorded (for the post-mortem); a resume truncates them.
+    assert [m["epoch"] for m in read_jsonl(model_dir / "metrics.jsonl")] == [1, 2]
+    assert np.isfinite(read_jsonl(model_dir / "metrics.jsonl")[0]["loss"])
+
+
+def test_non_finite_loss_in_the_first_epoch_says_there_is_no_checkpoint(tmp_path):
+    diverging = {"learning_rate": 1e12, "learning_rate_min": 1e11, "grad_clip": 1e30}
+    with pytest.raises(RunError, match="no checkpoint to resume from"):
+        run_search({**TINY, **diverging, "model_dir": str(tmp_path / "run")})
+
+
+def test_zero_steps_per_epoch_means_all_as_in_the_train_app():
+    # apps.demo passes --steps_per_epoch=0 to both apps: "all", never an error.
+    base = {**TINY, "model_dir": "unused"}
+    assert SearchConfig.from_dict({**base, "steps_per_epoch": 0}).validate().steps_per_epoch == 0
+    with pytest.raises(ValueError, match="--steps_per_epoch=-1"):
+        SearchConfig.from_dict({**base, "steps_per_epoch": -1}).validate()
 
 
 def test_resume_refuses_a_changed_network(complete_run):

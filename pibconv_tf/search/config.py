@@ -86,7 +86,7 @@ class SearchConfig:
         _check_int("batch_size", self.batch_size, 1, "a positive integer")
         _check_int("image_size", self.image_size, 8, "an integer >= 8")
         if self.steps_per_epoch is not None:
-            _check_int("steps_per_epoch", self.steps_per_epoch, 1, "a positive integer")
+            _check_int("steps_per_epoch", self.steps_per_epoch, 0, "an integer >= 0 (0: all)")
         if self.stop_after_epoch is not None:
             _check_int("stop_after_epoch", self.stop_after_epoch, 1, "an epoch from 1")
         for name in ("learning_rate", "arch_learning_rate"):

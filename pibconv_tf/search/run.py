@@ -239,6 +239,7 @@ def _search(config, run_dir, strategy, dataset, steps_per_epoch, info):
             initial_epoch=done,
             steps_per_epoch=steps_per_epoch,
             callbacks=callbacks,
+            shuffle=False,  # the pipeline shuffles
             verbose=config.verbose,
         )
     stop.check(run_dir.file(rundir.CHECKPOINT_DIR))
