@@ -30,6 +30,7 @@ from absl import logging
 
 matplotlib.use("Agg")  # files only: never open a window
 from matplotlib import patches  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 from matplotlib import pyplot as plt  # noqa: E402
 
 from pibconv_tf import genotypes as genotypes_lib  # noqa: E402
@@ -203,6 +204,7 @@ def plot_alpha_evolution(weights, primitives, edges=None, title="normal cell"):
         axis.set_visible(False)
     for axis in axes[-1]:
         axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     for axis in axes[:, 0]:
         axis.set_ylabel("softmax(α)")
     handles, labels = axes.flat[0].get_legend_handles_labels()
@@ -239,6 +241,7 @@ def plot_search_curves(records):
     loss_axis.set(xlabel="epoch", ylabel="cross-entropy", title="Search: loss")
     for axis in (error_axis, loss_axis):
         axis.grid(alpha=0.3)
+        axis.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
         if axis.lines:
             axis.legend(fontsize=9)
     figure.tight_layout()
