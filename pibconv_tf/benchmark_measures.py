@@ -90,19 +90,7 @@ def search_step(spec):
         implementation=p["implementation"],
         seed=p["seed"],
     )
-    timing = {"seconds": stats["step_seconds"], "first_call_seconds": stats["first_step_seconds"]}
-    return [
-        _record(
-            "search_step",
-            p,
-            timing,
-            p["batch_size"],
-            latency=False,
-            trace_seconds=stats["trace_seconds"],
-            parameters=stats["params"],
-            device=stats["device"],
-        )
-    ]
+    return [_step_record("search_step", p, stats, trace_seconds=stats["trace_seconds"])]
 
 
 def train_step(spec):
@@ -126,18 +114,24 @@ def train_step(spec):
         implementation=p["implementation"],
         seed=p["seed"],
     )
+    record = _step_record("train_step", p, stats)
+    record["cpu_ms_per_call"] = {"median": 1e3 * stats["cpu_seconds_per_step"]}
+    return [record]
+
+
+def _step_record(what, p, stats, **extra):
+    """The record of a search or train step measured by its owner's benchmark function."""
     timing = {"seconds": stats["step_seconds"], "first_call_seconds": stats["first_step_seconds"]}
-    record = _record(
-        "train_step",
+    return _record(
+        what,
         p,
         timing,
         p["batch_size"],
         latency=False,
         parameters=stats["params"],
         device=stats["device"],
+        **extra,
     )
-    record["cpu_ms_per_call"] = {"median": 1e3 * stats["cpu_seconds_per_step"]}
-    return [record]
 
 
 def _network(p):
