@@ -22,8 +22,7 @@ have exact second derivatives.) The weights are never modified: the unrolled and
 networks are evaluated in a `keras.StatelessScope` that substitutes the weight values, so w
 is restored exactly by construction and BatchNorm statistics of those extra passes are
 discarded (DARTS evaluates them on a throwaway copy for w', on the model itself for w+-; the
-statistics only
-matter for inference, which the search never uses).
+statistics only matter for inference, which the search never uses).
 
 Under a tf.distribute strategy every gradient is summed over the replicas before it is used,
 so all replicas compute the same w', the same eps and the same w+-.
