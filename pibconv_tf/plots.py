@@ -29,8 +29,7 @@ import numpy as np
 from absl import logging
 
 matplotlib.use("Agg")  # files only: never open a window
-from matplotlib import patches  # noqa: E402
-from matplotlib import ticker  # noqa: E402
+from matplotlib import patches, ticker  # noqa: E402
 from matplotlib import pyplot as plt  # noqa: E402
 
 from pibconv_tf import genotypes as genotypes_lib  # noqa: E402
