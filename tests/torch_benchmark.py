@@ -77,12 +77,12 @@ class Identity(nn.Module):
 class ReLUConvBN(nn.Module):
     """ReLU, kxk convolution (no bias), BatchNorm: the cells' 1x1 preprocessing."""
 
-    def __init__(self, c_in, c_out, kernel_size, stride, padding):
+    def __init__(self, c_in, c_out, kernel_size, stride, padding, affine=True):
         super().__init__()
         self.op = nn.Sequential(
             nn.ReLU(inplace=False),
             nn.Conv2d(c_in, c_out, kernel_size, stride, padding, bias=False),
-            nn.BatchNorm2d(c_out),
+            nn.BatchNorm2d(c_out, affine=affine),
         )
 
     def forward(self, x):
@@ -92,12 +92,12 @@ class ReLUConvBN(nn.Module):
 class FactorizedReduce(nn.Module):
     """ReLU, two offset 1x1 stride-2 convolutions to c_out // 2 each, concat, BatchNorm."""
 
-    def __init__(self, c_in, c_out):
+    def __init__(self, c_in, c_out, affine=True):
         super().__init__()
         self.relu = nn.ReLU(inplace=False)
         self.conv_1 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, padding=0, bias=False)
         self.conv_2 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, padding=0, bias=False)
-        self.bn = nn.BatchNorm2d(c_out)
+        self.bn = nn.BatchNorm2d(c_out, affine=affine)
 
     def forward(self, x):
         x = self.relu(x)
@@ -108,14 +108,30 @@ class FactorizedReduce(nn.Module):
 class DilConv(nn.Module):
     """GELU (the pibconv search space), dilated depthwise kxk, 1x1, BatchNorm."""
 
-    def __init__(self, c, kernel_size, stride, dilation=2):
+    def __init__(self, c, kernel_size, stride, dilation=2, affine=True):
         super().__init__()
         padding = dilation * (kernel_size - 1) // 2
         self.op = nn.Sequential(
             nn.GELU(),
             nn.Conv2d(c, c, kernel_size, stride, padding, dilation, groups=c, bias=False),
             nn.Conv2d(c, c, 1, bias=False),
-            nn.BatchNorm2d(c),
+            nn.BatchNorm2d(c, affine=affine),
+        )
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class Conv7x1x7(nn.Module):
+    """GELU, 1x7 conv (stride (1, s)), 7x1 conv (stride (s, 1)), BatchNorm."""
+
+    def __init__(self, c, stride, affine=True):
+        super().__init__()
+        self.op = nn.Sequential(
+            nn.GELU(),
+            nn.Conv2d(c, c, (1, 7), stride=(1, stride), padding=(0, 3), bias=False),
+            nn.Conv2d(c, c, (7, 1), stride=(stride, 1), padding=(3, 0), bias=False),
+            nn.BatchNorm2d(c, affine=affine),
         )
 
     def forward(self, x):
@@ -130,13 +146,13 @@ class PIBConv(nn.Module):
     2C expanded channels and a sum of each group's channel pair (same weight, same numbers).
     """
 
-    def __init__(self, c, kernel_size, stride, expansion=2, depthwise=False):
+    def __init__(self, c, kernel_size, stride, expansion=2, depthwise=False, affine=True):
         super().__init__()
         pad = kernel_size // 2
         self.c, self.expansion, self.pad = c, expansion, pad
         self.depthwise = depthwise
         self.dw = nn.Conv2d(c, c, kernel_size, stride, pad, groups=c, bias=False)
-        self.bn = nn.BatchNorm2d(c)
+        self.bn = nn.BatchNorm2d(c, affine=affine)
         self.pw_expand = nn.Conv2d(c, expansion * c, 1, bias=False)
         self.grouped = nn.Conv2d(
             expansion * c, c, kernel_size, 1, pad, groups=c, bias=False
@@ -158,18 +174,21 @@ class PIBConv(nn.Module):
         return self.pw_project(self.act(x))
 
 
-def make_op(name, c, stride, depthwise):
+def make_op(name, c, stride, depthwise=False, affine=True):
+    """DARTS' `OPS[name](C, stride, affine)` for the pibconv space (without `none`)."""
     if name == "skip_connect":
-        return Identity() if stride == 1 else FactorizedReduce(c, c)
+        return Identity() if stride == 1 else FactorizedReduce(c, c, affine)
     if name == "avg_pool_3x3":
         return nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False)
     if name == "max_pool_3x3":
         return nn.MaxPool2d(3, stride=stride, padding=1)
+    if name == "conv_7x1_1x7":
+        return Conv7x1x7(c, stride, affine)
     kernel = int(name.rsplit("_", 1)[1].split("x")[0])
     if name.startswith("pib_conv"):
-        return PIBConv(c, kernel, stride, depthwise=depthwise)
+        return PIBConv(c, kernel, stride, depthwise=depthwise, affine=affine)
     if name.startswith("dil_conv"):
-        return DilConv(c, kernel, stride)
+        return DilConv(c, kernel, stride, affine=affine)
     raise ValueError(f"operation {name!r} is not restated here")
 
 
@@ -278,6 +297,7 @@ class NetworkCIFAR(nn.Module):
 
 
 def count_parameters(model):
+    """Trainable registered parameters (a search network's alphas are not registered)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -312,16 +332,27 @@ def keras_counts_main(layer_list, channels):
     print(json.dumps(counts))
 
 
-def keras_counts(layer_list, channels):
-    command = [sys.executable, __file__, "--keras-counts", f"--channels={channels}"]
-    command += [f"--layers={','.join(map(str, layer_list))}"]
+def subprocess_json(script, arguments):
+    """Runs `python script arguments` from the repository root; the JSON of its last line.
+
+    The Keras side of a comparison runs this way, so TensorFlow never loads into the process
+    that times PyTorch. None (and its stderr shown) if the process fails.
+    """
     root = pathlib.Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root), TF_CPP_MIN_LOG_LEVEL="3")
+    command = [sys.executable, str(script), *arguments]
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=root)
     if result.returncode:
-        print(result.stderr[-2000:], file=sys.stderr)
+        print(result.stderr[-3000:], file=sys.stderr)
         return None
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def keras_counts(layer_list, channels):
+    layers = ",".join(map(str, layer_list))
+    return subprocess_json(
+        __file__, ["--keras-counts", f"--channels={channels}", f"--layers={layers}"]
+    )
 
 
 # --------------------------------------------------------------------------------------

@@ -36,13 +36,17 @@ import os
 import pathlib
 import resource
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+# The operations, helpers and Keras-side subprocess of the derived-network benchmark (this
+# script's directory is on sys.path when it runs as a script).
+import torch_benchmark as derived
+from torch_benchmark import count_parameters, load_average, subprocess_json
 
 PIBCONV_PRIMITIVES = (
     "none",
@@ -56,7 +60,6 @@ PIBCONV_PRIMITIVES = (
     "max_pool_3x3",
     "avg_pool_3x3",
 )
-STEM_MULTIPLIER = 3
 
 
 # --------------------------------------------------------------------------------------
@@ -77,116 +80,11 @@ class Zero(nn.Module):
         return x[:, :, :: self.stride, :: self.stride].mul(0.0)
 
 
-class Identity(nn.Module):
-    def forward(self, x):
-        return x
-
-
-class ReLUConvBN(nn.Module):
-    """ReLU, 1x1 convolution without bias, BatchNorm: a cell input's preprocessing."""
-
-    def __init__(self, c_in, c_out, affine):
-        super().__init__()
-        self.op = nn.Sequential(
-            nn.ReLU(inplace=False),
-            nn.Conv2d(c_in, c_out, 1, 1, 0, bias=False),
-            nn.BatchNorm2d(c_out, affine=affine),
-        )
-
-    def forward(self, x):
-        return self.op(x)
-
-
-class FactorizedReduce(nn.Module):
-    """ReLU, two 1x1 stride-2 convolutions (x and x shifted by one pixel), concat, BN."""
-
-    def __init__(self, c_in, c_out, affine):
-        super().__init__()
-        self.relu = nn.ReLU(inplace=False)
-        self.conv_1 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, padding=0, bias=False)
-        self.conv_2 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, padding=0, bias=False)
-        self.bn = nn.BatchNorm2d(c_out, affine=affine)
-
-    def forward(self, x):
-        x = self.relu(x)
-        out = torch.cat([self.conv_1(x), self.conv_2(x[:, :, 1:, 1:])], dim=1)
-        return self.bn(out)
-
-
-class DilConv(nn.Module):
-    """GELU, dilated depthwise kxk (stride s), 1x1, BatchNorm."""
-
-    def __init__(self, c, kernel_size, stride, affine, dilation=2):
-        super().__init__()
-        padding = dilation * (kernel_size - 1) // 2
-        self.op = nn.Sequential(
-            nn.GELU(),
-            nn.Conv2d(c, c, kernel_size, stride, padding, dilation, groups=c, bias=False),
-            nn.Conv2d(c, c, 1, bias=False),
-            nn.BatchNorm2d(c, affine=affine),
-        )
-
-    def forward(self, x):
-        return self.op(x)
-
-
-class Conv7x1x7(nn.Module):
-    """GELU, 1x7 conv (stride (1, s)), 7x1 conv (stride (s, 1)), BatchNorm."""
-
-    def __init__(self, c, stride, affine):
-        super().__init__()
-        self.op = nn.Sequential(
-            nn.GELU(),
-            nn.Conv2d(c, c, (1, 7), stride=(1, stride), padding=(0, 3), bias=False),
-            nn.Conv2d(c, c, (7, 1), stride=(stride, 1), padding=(3, 0), bias=False),
-            nn.BatchNorm2d(c, affine=affine),
-        )
-
-    def forward(self, x):
-        return self.op(x)
-
-
-class PIBConv(nn.Module):
-    """depthwise kxk (stride s) -> BN -> 1x1 C -> 2C -> grouped kxk 2C -> C (groups C) ->
-    GELU -> 1x1 C -> C, without biases."""
-
-    def __init__(self, c, kernel_size, stride, affine, expansion=2):
-        super().__init__()
-        pad = kernel_size // 2
-        self.op = nn.Sequential(
-            nn.Conv2d(c, c, kernel_size, stride, pad, groups=c, bias=False),
-            nn.BatchNorm2d(c, affine=affine),
-            nn.Conv2d(c, expansion * c, 1, bias=False),
-            nn.Conv2d(expansion * c, c, kernel_size, 1, pad, groups=c, bias=False),
-            nn.GELU(),
-            nn.Conv2d(c, c, 1, bias=False),
-        )
-
-    def forward(self, x):
-        return self.op(x)
-
-
-def _kernel(name):
-    return int(name.rsplit("_", 1)[1].split("x")[0])
-
-
 def make_op(name, c, stride, affine):
-    """DARTS' `OPS[name](C, stride, affine)` for the pibconv space."""
+    """DARTS' `OPS[name](C, stride, affine)` for the pibconv space, `none` included."""
     if name == "none":
         return Zero(stride)
-    if name == "skip_connect":
-        return Identity() if stride == 1 else FactorizedReduce(c, c, affine)
-    if name == "max_pool_3x3":
-        return nn.MaxPool2d(3, stride=stride, padding=1)
-    if name == "avg_pool_3x3":
-        return nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False)
-    if name.startswith("pib_conv"):
-        return PIBConv(c, _kernel(name), stride, affine)
-    if name.startswith("dil_conv"):
-        return DilConv(c, _kernel(name), stride, affine)
-    if name == "conv_7x1_1x7":
-        return Conv7x1x7(c, stride, affine)
-    raise ValueError(f"unknown operation {name!r}")
+    return derived.make_op(name, c, stride, affine=affine)
 
 
 # --------------------------------------------------------------------------------------
@@ -217,10 +115,10 @@ class SearchCell(nn.Module):
         super().__init__()
         self.reduction = reduction
         if reduction_prev:
-            self.preprocess0 = FactorizedReduce(c_pp, c, affine=False)
+            self.preprocess0 = derived.FactorizedReduce(c_pp, c, affine=False)
         else:
-            self.preprocess0 = ReLUConvBN(c_pp, c, affine=False)
-        self.preprocess1 = ReLUConvBN(c_p, c, affine=False)
+            self.preprocess0 = derived.ReLUConvBN(c_pp, c, 1, 1, 0, affine=False)
+        self.preprocess1 = derived.ReLUConvBN(c_p, c, 1, 1, 0, affine=False)
         self.steps = steps
         self.multiplier = multiplier
         self.ops = nn.ModuleList()
@@ -246,7 +144,7 @@ class SearchNetwork(nn.Module):
         super().__init__()
         self.c, self.num_classes, self.layers = c, num_classes, layers
         self.steps, self.multiplier, self.skip_none = steps, multiplier, skip_none
-        c_curr = STEM_MULTIPLIER * c
+        c_curr = derived.STEM_MULTIPLIER * c
         self.stem = nn.Sequential(
             nn.Conv2d(3, c_curr, 3, padding=1, bias=False), nn.BatchNorm2d(c_curr)
         )
@@ -379,11 +277,6 @@ class Architect:
 # --------------------------------------------------------------------------------------
 
 
-def count_parameters(model):
-    """Weight parameters (the alphas are not registered parameters)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def keras_count_main(args):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import numpy as np  # TensorFlow is imported in this subprocess only
@@ -395,17 +288,6 @@ def keras_count_main(args):
     build_network(net, args.image_size)
     total = int(sum(np.prod(v.shape) for v in net.weight_parameters()))
     print(json.dumps({"keras_parameters": total}))
-
-
-def _subprocess_json(extra):
-    command = [sys.executable, __file__, *extra]
-    root = pathlib.Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=str(root), TF_CPP_MIN_LOG_LEVEL="3")
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=root)
-    if result.returncode:
-        print(result.stderr[-3000:], file=sys.stderr)
-        return None
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def _busy_seconds():
@@ -498,13 +380,6 @@ def worker_main(args):
     print(json.dumps(record))
 
 
-def load_average():
-    try:
-        return os.getloadavg()
-    except OSError:
-        return None
-
-
 def wait_for_quiet(max_load, max_wait):
     """Waits (up to max_wait s) until the 1-minute load is at most max_load."""
     waited = 0.0
@@ -569,7 +444,7 @@ def main():
     del theirs
     keras_count = None
     if not args.skip_keras:
-        result = _subprocess_json(["--keras-count", *common])
+        result = subprocess_json(__file__, ["--keras-count", *common])
         keras_count = None if result is None else result["keras_parameters"]
     match = None if keras_count is None else keras_count == torch_count
     print(f"weight parameters: torch {torch_count:,}, keras {keras_count}, match {match}")
@@ -605,7 +480,7 @@ def main():
         if args.skip_none:
             extra.append("--skip-none")
         load_before = load_average()
-        r = _subprocess_json(extra)
+        r = subprocess_json(__file__, extra)
         if r is None:
             failed = True
             print(f"{order:>6} failed", flush=True)
