@@ -367,10 +367,10 @@ def run_measurement(spec, scope="measurement"):
         if spec["what"] == "tflite_timing":
             records = [_tflite_timing(spec["params"])]
         else:
-            from pibconv_tf import benchmark_measures  # noqa: PLC0415 (loads TensorFlow)
+            from pibconv_tf import benchmark_measures, distribute  # noqa: PLC0415 (TensorFlow)
 
             benchmark_measures.set_threads(threads.get("intra_op", 0), threads.get("inter_op", 0))
-            graph_optimizer = benchmark_measures.set_graph_optimizer(
+            graph_optimizer = distribute.configure_graph_optimizer(
                 spec.get("graph_optimizer", "auto")
             )
             records = benchmark_measures.MEASURES[spec["what"]](spec)

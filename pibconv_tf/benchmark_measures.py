@@ -26,11 +26,6 @@ CALIBRATION_IMAGES = 100
 _SYNTHETIC_STATS = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
 
 
-def set_graph_optimizer(mode):
-    """`distribute.configure_graph_optimizer(mode)`: whether Grappler is on in this process."""
-    return distribute.configure_graph_optimizer(mode)
-
-
 def set_threads(intra_op=0, inter_op=0):
     """Sets TensorFlow's thread pools (0 keeps TensorFlow's choice) before they start."""
     threading = tf.config.threading

@@ -120,3 +120,28 @@ class OpsTest(test_case.TestCase):
             ops_lib.get_search_space("nope")
         with pytest.raises(ValueError, match="'pib_conv_3x3' is not in search space 'darts'"):
             ops_lib.make_op("pib_conv_3x3", 4, 1, True, search_space="darts")
+
+
+@pytest.mark.parametrize("size", [8, 7])
+def test_factorized_reduce_same_numbers_with_unknown_spatial_size(size):
+    import tensorflow as tf  # the layer is backend-agnostic; this test traces it
+
+    layer = ops_lib.FactorizedReduce(6)
+    layer.build((2, size, size, 5))
+    _randomize_norms(layer, np.random.default_rng(0))
+    x = tf.constant(np.random.default_rng(1).normal(size=(2, size, size, 5)), tf.float32)
+
+    def forward_and_gradients(inputs):
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            y = layer(inputs, training=False)
+            loss = tf.reduce_sum(y * y)
+        return [y, *tape.gradient(loss, [inputs, *layer.trainable_variables])]
+
+    static = forward_and_gradients(x)  # eager: known sizes, the reshape + split form
+    dynamic = tf.function(
+        forward_and_gradients, input_signature=[tf.TensorSpec((None, None, None, 5))]
+    )(x)  # traced without sizes: the strided-slice form
+    assert static[0].shape == (2, (size + 1) // 2, (size + 1) // 2, 6)
+    for a, b in zip(static, dynamic, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-6)
