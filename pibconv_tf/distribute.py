@@ -41,11 +41,11 @@ def get_strategy(name="auto", devices=None):
 def configure_graph_optimizer(mode="auto"):
     """Turns TensorFlow's graph optimiser (Grappler) on or off for this process.
 
-    Grappler rewrites every traced graph before its first run. On a CPU it brings no
-    measurable steady-state gain to these networks (no biases or fused batch norms to fuse)
-    but costs minutes of the first step: 430 of the 456 s before the first search step of the
-    paper's 8-cell search network, 60 of 75 s at a 10-cell training step. On a GPU it
-    converts convolutions to the faster channels-first layout, so keep it there.
+    Grappler rewrites every traced graph before its first run. On a CPU it brings these
+    networks no steady-state gain (no biases or fused batch norms to fuse; the search step was
+    15% slower with it) but costs minutes of the first step: 456 s against 86 s before the
+    first search step of the paper's 8-cell search network. On a GPU it converts
+    convolutions to the faster channels-first layout, so keep it there.
 
     Args:
         mode: "auto" (on when a GPU is visible, off otherwise), "on" or "off". Applies to
