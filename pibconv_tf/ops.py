@@ -176,7 +176,7 @@ class ReLUConvBN(_ConvStack):
         L.build_sublayers((self.conv, input_shape[-1]), (self.bn, self.filters))
 
     def call(self, inputs, training=None):
-        x = L.activation(inputs, self.activation)
+        x = L.activation(inputs, self.activation, training)
         x = L.symmetric_pad(x, self.strides, self.kernel_size // 2)
         return self.bn(self.conv(x), training=training)
 
@@ -233,10 +233,10 @@ class SepConv(_ConvStack):
 
     def call(self, inputs, training=None):
         pad = self.kernel_size // 2
-        x = L.activation(inputs, self.activation)
+        x = L.activation(inputs, self.activation, training)
         x = self.dw_1(L.symmetric_pad(x, self.strides, pad))
         x = self.norm_1(self.pw_1(x), training=training)
-        x = L.activation(x, self.activation)
+        x = L.activation(x, self.activation, training)
         x = self.norm_2(self.pw_2(self.dw_2(x)), training=training)
         return x
 
@@ -264,7 +264,7 @@ class DilConv(_ConvStack):
 
     def call(self, inputs, training=None):
         pad = self.dilation_rate * (self.kernel_size - 1) // 2
-        x = L.activation(inputs, self.activation)
+        x = L.activation(inputs, self.activation, training)
         x = self.dw(L.symmetric_pad(x, self.strides, pad))
         return self.bn(self.pw(x), training=training)
 
@@ -290,7 +290,7 @@ class Conv7x1_1x7(_ConvStack):  # noqa: N801 (the DARTS operation name)
 
     def call(self, inputs, training=None):
         pad = self.kernel_size // 2
-        x = L.activation(inputs, self.activation)
+        x = L.activation(inputs, self.activation, training)
         x = self.conv_1xk(L.symmetric_pad(x, (1, self.strides), 0, pad))
         x = self.conv_kx1(L.symmetric_pad(x, (self.strides, 1), pad, 0))
         return self.bn(x, training=training)

@@ -103,7 +103,7 @@ class PIBConv(keras.layers.Layer):
             x = self._expand_and_group(x, training)
         else:
             x = self._grouped_conv(self.pw_expand(x, training=training))
-        x = ops.gelu(x, approximate=False)
+        x = L.gelu(x, training)
         return self.pw_project(x, training=training)
 
     def _expand_and_group(self, x, training=None):
@@ -207,7 +207,7 @@ class ConvNeXtBlock(keras.layers.Layer):
     def call(self, inputs, training=None):
         x = self.dw(L.symmetric_pad(inputs, self.strides, self.kernel_size // 2))
         x = self.norm_layer(x, training=training)
-        x = ops.gelu(self.pw_expand(x), approximate=False)
+        x = L.gelu(self.pw_expand(x), training)
         return self.pw_project(x)
 
     def get_config(self):

@@ -5,6 +5,8 @@ PIBConv's training form (F branches of 1x1 + depthwise convolutions) must match 
 layers and PIBConv's two-step form in outputs, gradients and moving statistics.
 """
 
+import math
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -68,6 +70,77 @@ class BatchNormTest(test_case.TestCase):
         self.run_layer_test(
             L.BatchNorm, {"epsilon": 1e-5, "momentum": 0.9}, (2, 4, 4, 3), (2, 4, 4, 3)
         )
+
+    def test_float32_images_take_the_fused_kernel_and_float64_the_one_pass_form(self):
+        for dtype, fused in (("float32", True), ("float64", False)):
+            layer = L.BatchNorm(dtype=dtype)
+            layer.build((2, 4, 4, 3))
+            x = tf.zeros((2, 4, 4, 3), dtype)
+            graph = tf.function(lambda t, bn=layer: bn(t, training=True))
+            graph = graph.get_concrete_function(x).graph
+            types = {op.type for op in graph.get_operations()}
+            self.assertEqual("FusedBatchNormV3" in types, fused, dtype)
+
+    @parameterized.parameters(True, False)
+    def test_fused_kernel_matches_the_one_pass_form_to_second_derivatives(self, affine):
+        # The float32 fused kernel against the float64 one-pass form (exact second
+        # derivatives, checked against finite differences in test_search): outputs, input
+        # gradients, Hessian-vector products and moving statistics.
+        rng = np.random.default_rng(4)
+        x = rng.normal(size=(3, 5, 5, 4)) * [0.5, 1, 2, 4] + 2.0
+        weights = rng.normal(size=x.shape)
+        results, layers = [], []
+        for dtype in ("float32", "float64"):
+            layer = L.BatchNorm(
+                epsilon=L.BN_EPSILON,
+                momentum=L.BN_MOMENTUM,
+                center=affine,
+                scale=affine,
+                dtype=dtype,
+            )
+            layer.build(x.shape)
+            if affine:
+                layer.gamma.assign([1.5, 0.7, 1.1, 0.9])
+                layer.beta.assign([0.1, -0.2, 0.3, 0.0])
+            t, w = tf.constant(x, dtype), tf.constant(weights, dtype)
+            with tf.GradientTape() as outer:
+                outer.watch(t)
+                with tf.GradientTape() as inner:
+                    inner.watch(t)
+                    y = layer(t, training=True)
+                    loss = tf.reduce_sum(tf.square(y) * w)
+                g = inner.gradient(loss, t)
+                directional = tf.reduce_sum(g * w)
+            results.append([y, g, outer.gradient(directional, t)])
+            layers.append(layer)
+        for fused, exact in zip(*results, strict=True):
+            scale = float(np.abs(exact).max())
+            self.assertAllClose(tf.cast(fused, "float64"), exact, atol=2e-6 * scale)
+        for name in ("moving_mean", "moving_variance"):
+            self.assertAllClose(
+                getattr(layers[0], name), getattr(layers[1], name), rtol=1e-5, atol=1e-6
+            )
+
+
+class GeluTest(test_case.TestCase):
+    def test_training_form_has_the_exact_gelu_value_and_derivatives(self):
+        grid = np.linspace(-6.0, 6.0, 97)
+        x = tf.constant(grid)
+        with tf.GradientTape() as outer:
+            outer.watch(x)
+            with tf.GradientTape() as inner:
+                inner.watch(x)
+                y = L.gelu(x, training=True)
+            first = inner.gradient(y, x)
+        second = outer.gradient(first, x)
+        cdf = np.array([0.5 * math.erfc(-v / math.sqrt(2.0)) for v in grid])
+        density = np.exp(-0.5 * grid**2) / math.sqrt(2.0 * math.pi)
+        self.assertAllClose(y, grid * cdf, atol=1e-14, rtol=1e-12)
+        self.assertAllClose(first, cdf + grid * density, atol=1e-14, rtol=1e-12)
+        self.assertAllClose(second, density * (2.0 - grid**2), atol=1e-14, rtol=1e-12)
+        # Keras' inference form computes the same function (its float64 constants are
+        # rounded to ~1e-8).
+        self.assertAllClose(keras.ops.gelu(x, approximate=False), y, atol=1e-7)
 
 
 class Conv2DTest(test_case.TestCase):
