@@ -116,16 +116,23 @@ def test_quantizable_pool_computes_pool3x3(pool_type, size):
     np.testing.assert_allclose(np.asarray(pool(x)), expected, atol=1e-6)
 
 
-def test_make_pools_quantizable_switches_stride_2_pools_only():
-    model = tiny_network("DARTS_V2")
+@pytest.mark.parametrize("genotype_name, max_pools", [("DARTS_V2", True), ("PIBCONV", False)])
+def test_make_pools_quantizable_switches_stride_2_max_pools_only(genotype_name, max_pools):
+    # Average pools keep their stride-2 form: a stride-1 pool at every pixel would cost
+    # 4x the work in the one operation XNNPACK has no int8 kernel for.
+    model = tiny_network(genotype_name)
     pools = [
         layer
         for layer in model._flatten_layers(include_self=False, recursive=True)
         if isinstance(layer, ops.Pool3x3)
     ]
     switched = tflite.make_pools_quantizable(model)
-    assert switched == sum(layer.strides == 2 for layer in pools) > 0
-    assert all(isinstance(p, tflite.QuantizablePool3x3) == (p.strides == 2) for p in pools)
+    wanted = [p.strides == 2 and p.pool_type == "max" for p in pools]
+    assert switched == sum(wanted)
+    assert [isinstance(p, tflite.QuantizablePool3x3) for p in pools] == wanted
+    # DARTS_V2 reduces with max pools, PIBCONV with average pools (which stay).
+    assert (switched > 0) == max_pools
+    assert any(p.pool_type == "avg" and p.strides == 2 for p in pools) != max_pools
 
 
 @pytest.mark.parametrize(
