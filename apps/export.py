@@ -9,9 +9,9 @@ python -m apps.export --model=runs/digits_l2/model.keras --output_dir=runs/digit
 
 The exported models take raw RGB pixels (0..255) and normalise inside with the statistics of
 `dataset.json` next to the model (or --mean/--std, or the --dataset's). --dataset supplies the
-calibration images of tflite_int8 (train split) and the parity images (test split); without
-it, parity runs on random pixels and tflite_int8 cannot be built (the default --formats then
-leave it out). Outputs are listed in pibconv_tf/export.py and docs/export.md. Float32
+calibration images of the int8 formats (train split) and the parity images (test split); without
+it, parity runs on random pixels and the int8 formats cannot be built (the default --formats then
+leave them out). Outputs are listed in pibconv_tf/export.py and docs/export.md. Float32
 artifacts that differ from Keras fail the export (exit 1).
 """
 
@@ -88,8 +88,8 @@ def config_from_flags():
     dataset = common.DATASET.value if common.DATASET.present else None
     formats = tuple(_FORMATS.value)
     if not _FORMATS.present and dataset is None:
-        formats = tuple(f for f in formats if f != "tflite_int8")
-        logging.warning("No --dataset to calibrate with: tflite_int8 is left out.")
+        formats = tuple(f for f in formats if f not in export_tflite.CALIBRATED_FORMATS)
+        logging.warning("No --dataset to calibrate with: the int8 formats are left out.")
     return export.ExportConfig(
         model=_MODEL.value,
         output_dir=_OUTPUT_DIR.value,

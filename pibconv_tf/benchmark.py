@@ -38,7 +38,13 @@ WHATS = ("search_step", "train_step", "inference", "tflite", "pipeline")
 ORDERS = ("first", "second")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 INFERENCE_MODES = ("keras_call", "predict_on_batch", "saved_model")
-TFLITE_FORMATS = ("tflite_fp32", "tflite_fp16", "tflite_dynamic_int8", "tflite_int8")
+TFLITE_FORMATS = (
+    "tflite_fp32",
+    "tflite_fp16",
+    "tflite_dynamic_int8",
+    "tflite_int8",
+    "tflite_int8_mixed",
+)
 PIPELINES = ("train", "search")
 IMPLEMENTATIONS = ("depthwise", "grouped")
 TFLITE_IMPLEMENTATIONS = ("split", *IMPLEMENTATIONS)  # export_tflite.PIB_IMPLEMENTATIONS

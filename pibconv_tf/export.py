@@ -10,6 +10,7 @@ statistics, so a device feeds camera pixels as they are; they return `logits` an
     model_fp16.tflite         } batch size fixed (1 by default)
     model_dynamic_int8.tflite }
     model_int8.tflite         }
+    model_int8_mixed.tflite   }
     labels.txt                one class name per line
     metadata.json             genotype, size, normalisation, classes, files, versions
     parity.json               each artifact against Keras on the same images
@@ -80,9 +81,10 @@ class ExportConfig:
         image_size: expected input size (None: the model's).
         mean, std, class_names: normalisation (0..1 scale) and class names, overriding
             `dataset.json` next to the model, which overrides the dataset's own values.
-        calibration_images: train images calibrating `tflite_int8`.
+        calibration_images: train images calibrating `tflite_int8` and `tflite_int8_mixed`.
         parity_images: test images of the parity report.
-        int8_io: integer input and output for `tflite_int8` (else float32).
+        int8_io: integer input and output for `tflite_int8` and `tflite_int8_mixed` (else
+            float32).
         int8_io_type: "uint8" or "int8".
         pib_implementation: PIBConv's grouped convolution in the TFLite graph: "split"
             (`export_tflite.SplitPIBConv`), "depthwise" or "grouped" (PIBConv's own forms);
@@ -141,10 +143,11 @@ class ExportConfig:
                 )
         if not self.fp32_tolerance > 0:
             raise UserInputError(f"--fp32_tolerance must be > 0, got {self.fp32_tolerance}.")
-        if "tflite_int8" in self.formats and not self.dataset:
+        calibrated = [f for f in self.formats if f in tflite.CALIBRATED_FORMATS]
+        if calibrated and not self.dataset:
             raise UserInputError(
-                "Format tflite_int8 needs calibration images: pass --dataset (its train split "
-                "calibrates), or leave tflite_int8 out of --formats."
+                f"Formats {', '.join(calibrated)} need calibration images: pass --dataset "
+                "(its train split calibrates), or leave them out of --formats."
             )
         for name in ("mean", "std"):
             values = getattr(self, name)
@@ -288,16 +291,17 @@ def write_saved_model(model, info, directory, batch_size=None, uint8_signature=T
 def build_tflite(config, info, formats, calibration=None):
     """Converts fresh copies of `config.model` to each TFLite format; yields (fmt, bytes).
 
-    The copies are traced with `config.pib_implementation` and a fixed batch; for
-    `tflite_int8` the stride-2 pools take their quantizable form. Float formats share one
-    conversion SavedModel. The copies' weights may be permuted: they are never saved.
+    The copies are traced with `config.pib_implementation` and a fixed batch; for the
+    calibrated formats the stride-2 max pools take their quantizable form. Float formats
+    share one conversion SavedModel, calibrated ones another. The copies' weights may be
+    permuted: they are never saved.
     """
     io_type = config.int8_io_type if config.int8_io else None
     batch = config.tflite_batch_size
     with tempfile.TemporaryDirectory() as root:
         directories = {}
         for fmt in formats:
-            integer = fmt == "tflite_int8"
+            integer = fmt in tflite.CALIBRATED_FORMATS
             if integer not in directories:
                 model = load_inference_model(config.model)
                 tflite.set_pib_implementation(model, config.pib_implementation)
@@ -341,7 +345,7 @@ def load_images(config, info, source):
         return None, rng.integers(0, 256, shape).astype(np.uint8), None
     images, labels = source.numpy("test", limit=config.parity_images)
     calibration = None
-    if "tflite_int8" in config.formats:
+    if any(fmt in tflite.CALIBRATED_FORMATS for fmt in config.formats):
         count = min(config.calibration_images, source.info.num_train)
         indices = np.sort(rng.choice(source.info.num_train, count, replace=False))
         batches = source.subset("train", indices).batch(256).as_numpy_iterator()

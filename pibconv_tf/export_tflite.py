@@ -7,7 +7,11 @@ TFLite flavours, with TFLite built-in operations only (no Select TF ops):
 - `tflite_fp16`: float16 weights, float32 activations (half the file).
 - `tflite_dynamic_int8`: int8 weights, activations quantized on the fly per operation.
 - `tflite_int8`: int8 weights and activations calibrated on representative images, with
-  integer (uint8 or int8) or float input and output.
+  integer (uint8 or int8) or float input and output. Every operation is integer: the form
+  for integer-only accelerators (DSPs, NPUs, microcontrollers).
+- `tflite_int8_mixed`: the same calibration, but the operations that have no fast int8
+  kernel on CPUs (`MIXED_FLOAT_OPS`) stay float32 between a dequantize and a quantize: the
+  fastest format on CPUs with XNNPACK. Integer input and output are int8 (pixels - 128).
 
 Batch normalisation folds into the convolutions during conversion (`op_counts` shows no
 RSQRT or batch-norm operations left). The interpreter here is LiteRT's, the one the edge
@@ -28,18 +32,33 @@ import numpy as np
 import tensorflow as tf
 from ai_edge_litert import interpreter as litert
 from keras import ops
+from tensorflow.lite.python import convert as _lite_convert
 
 from pibconv_tf import ops as ops_lib
 from pibconv_tf import pib_conv
 from pibconv_tf.errors import RunError
 
-TFLITE_FORMATS = ("tflite_fp32", "tflite_fp16", "tflite_dynamic_int8", "tflite_int8")
+TFLITE_FORMATS = (
+    "tflite_fp32",
+    "tflite_fp16",
+    "tflite_dynamic_int8",
+    "tflite_int8",
+    "tflite_int8_mixed",
+)
 TFLITE_FILES = {
     "tflite_fp32": "model_fp32.tflite",
     "tflite_fp16": "model_fp16.tflite",
     "tflite_dynamic_int8": "model_dynamic_int8.tflite",
     "tflite_int8": "model_int8.tflite",
+    "tflite_int8_mixed": "model_int8_mixed.tflite",
 }
+# Formats whose activations are calibrated on representative images.
+CALIBRATED_FORMATS = ("tflite_int8", "tflite_int8_mixed")
+# Operations `tflite_int8_mixed` keeps in float32: XNNPACK has no fast int8 kernel for
+# them on x86 (measured in docs/performance.md: int8 RELU and AVERAGE_POOL_2D run in
+# TFLite's reference kernels, 30x and 14x slower than float; int8 depthwise convolutions
+# are 0.5-0.7x float's speed).
+MIXED_FLOAT_OPS = ("RELU", "AVERAGE_POOL_2D", "DEPTHWISE_CONV_2D")
 INT8_IO_TYPES = ("uint8", "int8")
 PIB_IMPLEMENTATIONS = ("split", *pib_conv.IMPLEMENTATIONS)
 SIGNATURE = "serving_default"
@@ -142,8 +161,9 @@ def convert(saved_model_dir, fmt, representative_images=None, int8_io_type="uint
             `probabilities`.
         fmt: one of `TFLITE_FORMATS`.
         representative_images: uint8 [N, H, W, 3] calibration images (train split), needed
-            by `tflite_int8` only; N is cut to a multiple of B.
-        int8_io_type: "uint8", "int8" or None (float32 input and output) for `tflite_int8`.
+            by `CALIBRATED_FORMATS` only; N is cut to a multiple of B.
+        int8_io_type: "uint8", "int8" or None (float32 input and output) for
+            `CALIBRATED_FORMATS`.
         batch_size: the signature's batch size, for the calibration batches.
 
     Returns:
@@ -151,8 +171,10 @@ def convert(saved_model_dir, fmt, representative_images=None, int8_io_type="uint
     """
     if fmt not in TFLITE_FORMATS:
         raise ValueError(f"Unknown TFLite format {fmt!r}; expected one of {TFLITE_FORMATS}.")
-    if fmt == "tflite_int8" and (representative_images is None or not len(representative_images)):
-        raise ValueError("tflite_int8 needs representative images for calibration.")
+    if fmt in CALIBRATED_FORMATS and (
+        representative_images is None or not len(representative_images)
+    ):
+        raise ValueError(f"{fmt} needs representative images for calibration.")
     converter = tf.lite.TFLiteConverter.from_saved_model(
         str(saved_model_dir), signature_keys=[SIGNATURE]
     )
@@ -171,10 +193,28 @@ def convert(saved_model_dir, fmt, representative_images=None, int8_io_type="uint
         if int8_io_type is not None:
             converter.inference_input_type = tf.as_dtype(int8_io_type)
             converter.inference_output_type = tf.as_dtype(int8_io_type)
+    elif fmt == "tflite_int8_mixed":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = _representative_dataset(
+            representative_images, batch_size
+        )
+        # Calibrate only, then quantize with the float operations denylisted: the two
+        # steps of the converter's own full-integer path (QuantizationDebugger's too).
+        converter._experimental_calibrate_only = True  # noqa: SLF001
     with warnings.catch_warnings():
         # Calibration runs the deprecated tf.lite.Interpreter; the warning is not ours.
         warnings.filterwarnings("ignore", "(?s).*tf.lite.Interpreter is deprecated")
         content = converter.convert()
+    if fmt == "tflite_int8_mixed":
+        # The quantizer gives integer inputs and outputs as int8 (uint8 pixels - 128).
+        io = tf.float32 if int8_io_type is None else tf.int8
+        content = _lite_convert.mlir_quantize(
+            content,
+            fully_quantize=True,
+            input_data_type=io,
+            output_data_type=io,
+            denylisted_ops=list(MIXED_FLOAT_OPS),
+        )
     check_builtin_ops(op_counts(content), fmt)
     return content
 

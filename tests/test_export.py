@@ -231,6 +231,33 @@ def test_full_int8_has_integer_io_and_builtin_ops(
     assert row["max_abs_logit_diff"] < 0.25 * np.ptp(expected)
 
 
+@pytest.mark.parametrize("genotype_name", ["PIBCONV", "DARTS_V2"])
+def test_mixed_int8_keeps_the_slow_operations_float(model_files, digits, images, genotype_name):
+    path = model_files[genotype_name]
+    info = serving_info(digits.info)
+    calibration = digits.numpy("train", limit=16)[0]
+    config = export.ExportConfig(model=str(path), output_dir="unused")
+    [(_, content)] = export.build_tflite(config, info, ["tflite_int8_mixed"], calibration)
+
+    details = tflite.io_details(content)
+    assert details["input"]["dtype"] == "int8"  # integer I/O: pixels - 128
+    assert details["input"]["scale"] == pytest.approx(1.0, abs=0.01)
+    interpreter = tflite._interpreter(content, delegates=False)
+    types = {}
+    for op in interpreter._get_ops_details():
+        first = interpreter._get_tensor_details(op["inputs"][0], 0)["dtype"]
+        types.setdefault(op["op_name"], set()).add(np.dtype(first).name)
+    for name in tflite.MIXED_FLOAT_OPS:
+        assert types.get(name, {"float32"}) == {"float32"}, name
+    assert types["CONV_2D"] == {"int8"} and types["ADD"] == {"int8"}
+    assert "RELU" in types and (genotype_name != "PIBCONV" or "AVERAGE_POOL_2D" in types)
+
+    expected = keras_logits(path, info, images)
+    logits = tflite.tflite_logits(content, images)
+    report = tflite.parity_report(expected, {"mixed": logits}, tolerance=TOLERANCE)
+    assert report["artifacts"]["mixed"]["max_abs_logit_diff"] < 0.25 * np.ptp(expected)
+
+
 def test_int8_without_calibration_images_is_refused():
     with pytest.raises(ValueError, match="representative"):
         tflite.convert("unused", "tflite_int8", representative_images=None)
