@@ -84,12 +84,6 @@ _PIPELINE_IMAGES = flags.DEFINE_integer(
 _ISOLATE = flags.DEFINE_bool(
     "isolate", True, "One process per measurement (its own peak memory, no shared state)."
 )
-_INTRA_OP_THREADS = flags.DEFINE_integer(
-    "intra_op_threads", 0, "TensorFlow intra-op threads (0: TensorFlow's choice)."
-)
-_INTER_OP_THREADS = flags.DEFINE_integer(
-    "inter_op_threads", 0, "TensorFlow inter-op threads (0: TensorFlow's choice)."
-)
 
 
 def _integers(flag):
@@ -140,8 +134,8 @@ def config_from_flags():
         pipeline_images=_PIPELINE_IMAGES.value,
         pipelines=tuple(_PIPELINES.value),
         isolate=_ISOLATE.value,
-        intra_op_threads=_INTRA_OP_THREADS.value,
-        inter_op_threads=_INTER_OP_THREADS.value,
+        intra_op_threads=common.INTRA_OP_THREADS.value,
+        inter_op_threads=common.INTER_OP_THREADS.value,
         graph_optimizer=common.GRAPH_OPTIMIZER.value,
         seed=common.SEED.value,
         output=_OUTPUT.value,

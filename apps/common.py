@@ -53,15 +53,29 @@ GRAPH_OPTIMIZER = flags.DEFINE_enum(
     "adds minutes to the first step and nothing to the speed of the next ones.",
 )
 
+INTRA_OP_THREADS = flags.DEFINE_integer(
+    "intra_op_threads",
+    -1,
+    "Threads of one TensorFlow operation: -1 = auto (1 on a CPU-only machine with at most 4 "
+    "cores, else TensorFlow's choice), 0 = TensorFlow's choice.",
+)
+INTER_OP_THREADS = flags.DEFINE_integer(
+    "inter_op_threads",
+    -1,
+    "TensorFlow operations run at once: -1 = auto (the core count on a CPU-only machine with "
+    "at most 4 cores, else TensorFlow's choice), 0 = TensorFlow's choice.",
+)
+
 
 def run(main):
     """`app.run(main)`, turning bad input into one sentence on stderr and exit status 1."""
 
     def guarded(argv):
         try:
-            if "tensorflow" in sys.modules:  # apps.benchmark passes it to its workers
+            if "tensorflow" in sys.modules:  # apps.benchmark passes them to its workers
                 from pibconv_tf import distribute  # noqa: PLC0415
 
+                distribute.configure_threads(INTRA_OP_THREADS.value, INTER_OP_THREADS.value)
                 distribute.configure_graph_optimizer(GRAPH_OPTIMIZER.value)
             return main(argv)
         except (UserInputError, RunError) as error:

@@ -106,7 +106,8 @@ class BenchmarkConfig:
         pipeline_images: size of the synthetic source.
         pipelines: "train" (`data.train_pipeline`) and/or "search" (`data.search_pipeline`).
         isolate: run every measurement in its own process (per-measurement peak memory).
-        intra_op_threads, inter_op_threads: TensorFlow thread pools (0: TensorFlow's choice).
+        intra_op_threads, inter_op_threads: TensorFlow thread pools in the measuring
+            processes (-1: auto, `distribute.configure_threads`; 0: TensorFlow's choice).
         graph_optimizer: TensorFlow's graph optimiser, "auto" (on with a GPU, off on a CPU),
             "on" or "off" (`distribute.configure_graph_optimizer`).
         seed: initialisation and data seed.
@@ -145,8 +146,8 @@ class BenchmarkConfig:
     pipeline_images: int = 50000
     pipelines: tuple[str, ...] = PIPELINES
     isolate: bool = True
-    intra_op_threads: int = 0
-    inter_op_threads: int = 0
+    intra_op_threads: int = -1
+    inter_op_threads: int = -1
     graph_optimizer: str = "auto"
     seed: int = 0
     output: str | None = None
@@ -184,8 +185,8 @@ class BenchmarkConfig:
             ("repeats", 1), ("warmup", 1), ("init_channels", 1), ("batch_size", 1),
             ("image_size", 8), ("num_classes", 2), ("search_layers", 1),
             ("search_init_channels", 1), ("search_batch_size", 1), ("search_nodes", 1),
-            ("eval_images", 0), ("pipeline_images", 2), ("intra_op_threads", 0),
-            ("inter_op_threads", 0),
+            ("eval_images", 0), ("pipeline_images", 2), ("intra_op_threads", -1),
+            ("inter_op_threads", -1),
         )  # fmt: skip
         for name, minimum in minimums:
             if getattr(self, name) < minimum:
@@ -375,7 +376,10 @@ def run_measurement(spec, scope="measurement"):
         else:
             from pibconv_tf import benchmark_measures, distribute  # noqa: PLC0415 (TensorFlow)
 
-            benchmark_measures.set_threads(threads.get("intra_op", 0), threads.get("inter_op", 0))
+            intra, inter = distribute.configure_threads(
+                threads.get("intra_op", -1), threads.get("inter_op", -1)
+            )
+            threads = {"intra_op": intra, "inter_op": inter}
             graph_optimizer = distribute.configure_graph_optimizer(
                 spec.get("graph_optimizer", "auto")
             )

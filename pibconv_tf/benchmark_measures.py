@@ -18,30 +18,11 @@ import tensorflow as tf
 from pibconv_tf import benchmark as harness
 from pibconv_tf import data, distribute, export, genotypes, networks, pib_conv, train_benchmark
 from pibconv_tf import export_tflite as tflite
-from pibconv_tf.errors import UserInputError
 from pibconv_tf.timing import time_calls
 
 SYNTHETIC = "synthetic"
 CALIBRATION_IMAGES = 100
 _SYNTHETIC_STATS = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
-
-
-def set_threads(intra_op=0, inter_op=0):
-    """Sets TensorFlow's thread pools (0 keeps TensorFlow's choice) before they start."""
-    threading = tf.config.threading
-    pools = (
-        (intra_op, "intra_op_parallelism_threads"),
-        (inter_op, "inter_op_parallelism_threads"),
-    )
-    for value, pool in pools:
-        if value and getattr(threading, f"get_{pool}")() != value:
-            try:
-                getattr(threading, f"set_{pool}")(value)
-            except RuntimeError as error:
-                raise UserInputError(
-                    f"Thread pools can no longer change in this process ({error}); run with "
-                    "--isolate to give each measurement its own process."
-                ) from error
 
 
 def _gpu_memory():

@@ -256,3 +256,51 @@ def test_graph_optimizer_is_off_on_a_cpu_unless_asked_for():
             distribute.configure_graph_optimizer("fast")
     finally:
         distribute.configure_graph_optimizer("auto")
+
+
+_THREADS_SCRIPT = """
+import sys, tensorflow as tf
+from pibconv_tf import distribute
+from pibconv_tf.errors import UserInputError
+mode = sys.argv[1]
+if mode == "auto":
+    got = distribute.configure_threads()
+    small = distribute.cpu_cores() <= distribute.SMALL_CPU_CORES
+    small = small and not tf.config.list_physical_devices("GPU")
+    assert got == ((1, distribute.cpu_cores()) if small else (0, 0)), got
+elif mode == "explicit":
+    assert distribute.configure_threads(3, 1) == (3, 1)
+elif mode == "tensorflow":
+    assert distribute.configure_threads(0, 0) == (0, 0)
+threading = tf.config.threading
+pools = threading.get_intra_op_parallelism_threads(), threading.get_inter_op_parallelism_threads()
+assert pools == distribute.configure_threads(*pools or (0, 0)), pools  # same sizes: no error
+tf.constant(1.0) + 1.0  # the runtime starts: the pools are fixed from now on
+try:
+    distribute.configure_threads(pools[0] + 1, 0)
+except UserInputError as error:
+    assert "already started" in str(error), error
+else:
+    raise AssertionError("a started pool was resized")
+try:
+    distribute.configure_threads(-2, 0)
+except UserInputError as error:
+    assert "intra_op_threads" in str(error), error
+else:
+    raise AssertionError("-2 was accepted")
+print("ok", pools)
+"""
+
+
+@pytest.mark.parametrize("mode", ["auto", "explicit", "tensorflow"])
+def test_configure_threads_sets_the_pools_before_the_runtime_starts(mode):
+    # A process sets its pools once: each case runs in its own interpreter.
+    result = subprocess.run(
+        [sys.executable, "-c", _THREADS_SCRIPT, mode],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("ok")
