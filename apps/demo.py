@@ -3,9 +3,10 @@ r"""The main job end to end on data that needs no download: `make demo` runs thi
 python -m apps.demo --output_dir=runs/demo --overwrite
 
 search (a few epochs) -> derived genotype -> train the derived network -> evaluate -> export
-(SavedModel, TFLite float32 and int8) -> run the TFLite models with the TensorFlow-free edge
-runner -> GradCAM picture and search plots -> a summary (genotype, accuracy, params/GMACs,
-TFLite sizes and latency, every artifact's path). The same pipeline on other data:
+(SavedModel, TFLite float32, int8 and mixed int8) -> run the TFLite models with the
+TensorFlow-free edge runner -> GradCAM picture and search plots -> a summary (genotype,
+accuracy, params/GMACs, TFLite sizes and latency, every artifact's path). The same pipeline
+on other data:
 
 python -m apps.demo --dataset=cifar10 --data_dir=~/tensorflow_datasets \
     --output_dir=runs/demo_cifar10

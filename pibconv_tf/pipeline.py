@@ -136,7 +136,7 @@ class Pipeline:
             *self.data_flags(),
             f"--model={self.path('train', 'model.keras')}",
             f"--output_dir={self.path('export')}",
-            "--formats=saved_model,tflite_fp32,tflite_int8",
+            "--formats=saved_model,tflite_fp32,tflite_int8,tflite_int8_mixed",
             f"--calibration_images={c.calibration_images}",
             f"--parity_images={c.parity_images}",
             f"--benchmark_runs={c.benchmark_runs}",
@@ -146,7 +146,7 @@ class Pipeline:
         """Runs the exported models with the TensorFlow-free runner, on image files."""
         images = self.write_edge_images()
         export_dir = self.path("export")
-        for name in ("model_fp32.tflite", "model_int8.tflite"):
+        for name in ("model_fp32.tflite", "model_int8.tflite", "model_int8_mixed.tflite"):
             model = export_dir / name
             if not model.exists():
                 raise RunError(f"The export stage wrote no {model}.")

@@ -57,11 +57,13 @@ def test_demo_writes_every_artifact(demo_dir):
     parity = json.loads((demo_dir / "export" / "parity.json").read_text())["artifacts"]
     assert parity["tflite_fp32"]["max_abs_logit_diff"] <= 1e-4
     assert parity["tflite_fp32"]["top1_agreement"] == 1.0
-    assert 0.0 <= parity["tflite_int8"]["top1_agreement"] <= 1.0
+    for name in ("tflite_int8", "tflite_int8_mixed"):
+        assert 0.0 <= parity[name]["top1_agreement"] <= 1.0
 
     summary = json.loads((demo_dir / "summary.json").read_text())
-    assert set(summary["tflite_bytes"]) == {"model_fp32.tflite", "model_int8.tflite"}
-    for stem in ("model_fp32", "model_int8"):
+    stems = ("model_fp32", "model_int8", "model_int8_mixed")
+    assert set(summary["tflite_bytes"]) == {f"{stem}.tflite" for stem in stems}
+    for stem in stems:
         assert summary["edge_latency"][stem]["median_ms"] > 0
 
 
