@@ -30,11 +30,13 @@ _MEAN = flags.DEFINE_list("mean", None, "Per-channel mean, 0..1 scale (overrides
 _STD = flags.DEFINE_list("std", None, "Per-channel std, 0..1 scale (overrides dataset.json).")
 _CLASS_NAMES = flags.DEFINE_list("class_names", None, "Class names (overrides dataset.json).")
 _CALIBRATION_IMAGES = flags.DEFINE_integer(
-    "calibration_images", 300, "Train images calibrating the full-integer model."
+    "calibration_images", 300, "Train images calibrating the int8 models."
 )
 _PARITY_IMAGES = flags.DEFINE_integer("parity_images", 200, "Test images of the parity report.")
 _INT8_IO = flags.DEFINE_bool(
-    "int8_io", True, "Integer input and output for tflite_int8 (else float32 in and out)."
+    "int8_io",
+    True,
+    "Integer input and output for tflite_int8 and tflite_int8_mixed (else float32 in and out).",
 )
 _INT8_IO_TYPE = flags.DEFINE_enum(
     "int8_io_type", "uint8", list(export_tflite.INT8_IO_TYPES), "Integer type of --int8_io."

@@ -49,4 +49,6 @@ def fused_batch_norm_training(inputs, scale, offset, epsilon):
     )
     # The kernel returns the unbiased variance (for a moving average); give the biased one.
     count = tf.cast(tf.reduce_prod(tf.shape(inputs)[:-1]), "float32")
-    return y, mean, variance * (count - 1.0) / tf.maximum(count, 1.0)
+    # One value per channel: the biased variance is 0 (a kernel may return inf or NaN).
+    biased = tf.where(count > 1.0, variance * (count - 1.0) / tf.maximum(count, 1.0), 0.0)
+    return y, mean, biased

@@ -79,9 +79,9 @@ def configure_threads(intra_op=AUTO_THREADS, inter_op=AUTO_THREADS):
     them independent (the edges of a cell, the ten operations of a mixed edge). On a small
     CPU, one thread per operation with as many operations at once as there are cores beats
     TensorFlow's default (every operation spread over all cores): on 2 cores the first- and
-    second-order search steps ran 1.40x and 1.43x faster, the 10- and 20-layer train steps
-    1.07x and 1.14x, Keras batch-1 inference 1.85x; batch-256 inference (large operations)
-    was 1.15x slower (docs/performance.md).
+    second-order search steps ran 1.40x and 1.43x faster, the 2-, 10- and 20-layer train
+    steps 1.03x, 1.11x and 1.09x, Keras batch-1 inference 1.85x; batch-256 inference (large
+    operations) was 1.15x slower (docs/performance.md).
 
     Args:
         intra_op: threads of one operation; -1 = auto (1 on a CPU-only machine with at most
@@ -90,7 +90,7 @@ def configure_threads(intra_op=AUTO_THREADS, inter_op=AUTO_THREADS):
             TensorFlow's choice), 0 = TensorFlow's choice.
 
     Returns:
-        (intra_op, inter_op) as set, 0 where TensorFlow chooses.
+        (intra_op, inter_op) as the pools now are, 0 where TensorFlow chooses.
 
     Raises:
         UserInputError: a value below -1, or pools that already started with other sizes.
@@ -115,11 +115,18 @@ def configure_threads(intra_op=AUTO_THREADS, inter_op=AUTO_THREADS):
                     f"TensorFlow's {pool} thread pool already started with {current or 'its'} "
                     f"threads; set it before anything runs ({error})."
                 ) from error
-    return intra_op, inter_op
+    return (
+        threading.get_intra_op_parallelism_threads(),
+        threading.get_inter_op_parallelism_threads(),
+    )
 
 
 def cpu_cores():
-    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    """CPU cores this process may run on (its affinity mask where the OS has one).
+
+    export/run_tflite.py counts them the same way on its own: the edge runner imports no
+    TensorFlow, so it cannot import this module.
+    """
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1

@@ -76,7 +76,7 @@ class ExportConfig:
         output_dir: directory receiving the artifacts.
         formats: subset of `FORMATS`.
         dataset: `data.load_source` name for calibration and parity (None: parity on random
-            pixels, no accuracy, no `tflite_int8`).
+            pixels, no accuracy, no int8 formats).
         data_dir, seed: passed to `data.load_source`.
         image_size: expected input size (None: the model's).
         mean, std, class_names: normalisation (0..1 scale) and class names, overriding

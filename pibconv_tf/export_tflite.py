@@ -9,9 +9,9 @@ TFLite flavours, with TFLite built-in operations only (no Select TF ops):
 - `tflite_int8`: int8 weights and activations calibrated on representative images, with
   integer (uint8 or int8) or float input and output. Every operation is integer: the form
   for integer-only accelerators (DSPs, NPUs, microcontrollers).
-- `tflite_int8_mixed`: the same calibration, but the operations that have no fast int8
-  kernel on CPUs (`MIXED_FLOAT_OPS`) stay float32 between a dequantize and a quantize: the
-  fastest format on CPUs with XNNPACK. Integer input and output are int8 (pixels - 128).
+- `tflite_int8_mixed`: the same calibration and input/output, but the operations that have
+  no fast int8 kernel on CPUs (`MIXED_FLOAT_OPS`) stay float32 between a dequantize and a
+  quantize: the fastest format on CPUs with XNNPACK.
 
 Batch normalisation folds into the convolutions during conversion (`op_counts` shows no
 RSQRT or batch-norm operations left). The interpreter here is LiteRT's, the one the edge
@@ -32,7 +32,6 @@ import numpy as np
 import tensorflow as tf
 from ai_edge_litert import interpreter as litert
 from keras import ops
-from tensorflow.lite.python import convert as _lite_convert
 
 from pibconv_tf import ops as ops_lib
 from pibconv_tf import pib_conv
@@ -78,13 +77,13 @@ class QuantizablePool3x3(ops_lib.Pool3x3):
     activation scale of ~1e36, all outputs saturate) and which XNNPACK refuses to prepare.
     Average pooling pads with zeros and keeps its own form: computing it at every pixel
     and subsampling costs 4x the work of an operation that has no XNNPACK int8 kernel (it
-    made a 2-layer PIBCONV int8 model 1.4x slower).
+    made a 2-layer PIBCONV int8 model 1.3x slower).
 
-    Used on a loaded model by `make_pools_quantizable`, for the `tflite_int8` export only.
+    Used on a loaded model by `make_pools_quantizable`, for the calibrated (int8) formats only.
     """
 
     def call(self, inputs):
-        if self.strides == 1 or self.pool_type != "max":
+        if self.strides == 1 or self.pool_type != "max":  # not switched by make_pools_quantizable
             return super().call(inputs)
         return ops.max_pool(inputs, 3, 1, padding="same")[:, ::2, ::2, :]
 
@@ -206,17 +205,27 @@ def convert(saved_model_dir, fmt, representative_images=None, int8_io_type="uint
         warnings.filterwarnings("ignore", "(?s).*tf.lite.Interpreter is deprecated")
         content = converter.convert()
     if fmt == "tflite_int8_mixed":
-        # The quantizer gives integer inputs and outputs as int8 (uint8 pixels - 128).
-        io = tf.float32 if int8_io_type is None else tf.int8
-        content = _lite_convert.mlir_quantize(
-            content,
-            fully_quantize=True,
-            input_data_type=io,
-            output_data_type=io,
-            denylisted_ops=list(MIXED_FLOAT_OPS),
-        )
+        content = _quantize_mixed(content, int8_io_type)
     check_builtin_ops(op_counts(content), fmt)
     return content
+
+
+def _quantize_mixed(calibrated, io_type):
+    """Quantizes a calibrated model with `MIXED_FLOAT_OPS` left float; `io_type` as `convert`.
+
+    The two steps the converter takes for `tflite_int8` (quantize, then set the input and
+    output type), with the denylist that its public options do not offer. Both functions
+    are TensorFlow's internal ones (pinned version; imported here so that nothing else
+    depends on them).
+    """
+    from tensorflow.lite.python import convert as lite_convert  # noqa: PLC0415
+    from tensorflow.lite.python import util as lite_util  # noqa: PLC0415
+
+    content = lite_convert.mlir_quantize(calibrated, denylisted_ops=list(MIXED_FLOAT_OPS))
+    if io_type is None:
+        return content
+    io = tf.as_dtype(io_type)
+    return lite_util.modify_model_io_type(content, io, io)
 
 
 def _representative_dataset(images, batch):

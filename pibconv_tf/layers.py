@@ -89,7 +89,7 @@ class BatchNorm(keras.layers.BatchNormalization):
 
     In training, NHWC images of float32, float16 or bfloat16 take TensorFlow's fused
     BatchNorm kernel (one pass forward, one backward; oneDNN on CPU): forward + backward in
-    1.5-2x less time than the one-pass form below, and its registered second derivatives
+    1.5x less time than the one-pass form below, and its registered second derivatives
     agree with that form's. Other inputs (float64, other ranks, other backends) take one
     pass of their own: the batch mean and (biased) variance come from E[x] and
     E[x^2] - E[x]^2 computed together, and the normalisation is one multiply-add with
@@ -182,7 +182,7 @@ def gelu(x, training=None):
     """Exact GELU, x * Phi(x); in training with a hand-written gradient.
 
     The gradient Phi(x) + x * phi(x) reuses the forward's Phi(x): forward and backward take
-    ~25% less time on CPU than differentiating `ops.gelu`'s graph (whose gradient
+    ~30% less time on CPU than differentiating `ops.gelu`'s graph (whose gradient
     recomputes erf's pieces). It is itself differentiable, so second derivatives hold.
     Outside training it is `ops.gelu`, which converters turn into one GELU operation.
     """

@@ -304,3 +304,11 @@ def test_configure_threads_sets_the_pools_before_the_runtime_starts(mode):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("ok")
+
+
+def test_the_harness_knows_every_export_format_and_implementation():
+    # benchmark.py keeps its own copies (its parent process imports no TensorFlow).
+    from pibconv_tf import export_tflite
+
+    assert benchmark.TFLITE_FORMATS == export_tflite.TFLITE_FORMATS
+    assert tuple(benchmark.TFLITE_IMPLEMENTATIONS) == tuple(export_tflite.PIB_IMPLEMENTATIONS)

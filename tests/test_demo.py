@@ -58,7 +58,8 @@ def test_demo_writes_every_artifact(demo_dir):
     assert parity["tflite_fp32"]["max_abs_logit_diff"] <= 1e-4
     assert parity["tflite_fp32"]["top1_agreement"] == 1.0
     for name in ("tflite_int8", "tflite_int8_mixed"):
-        assert 0.0 <= parity[name]["top1_agreement"] <= 1.0
+        # Quantized yet not saturated: most predictions agree with float32's.
+        assert parity[name]["top1_agreement"] >= 0.5, (name, parity[name])
 
     summary = json.loads((demo_dir / "summary.json").read_text())
     stems = ("model_fp32", "model_int8", "model_int8_mixed")

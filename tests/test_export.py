@@ -231,17 +231,21 @@ def test_full_int8_has_integer_io_and_builtin_ops(
     assert row["max_abs_logit_diff"] < 0.25 * np.ptp(expected)
 
 
-@pytest.mark.parametrize("genotype_name", ["PIBCONV", "DARTS_V2"])
-def test_mixed_int8_keeps_the_slow_operations_float(model_files, digits, images, genotype_name):
+@pytest.mark.parametrize("genotype_name, int8_io", [("PIBCONV", True), ("DARTS_V2", False)])
+def test_mixed_int8_keeps_the_slow_operations_float(
+    model_files, digits, images, genotype_name, int8_io
+):
     path = model_files[genotype_name]
     info = serving_info(digits.info)
     calibration = digits.numpy("train", limit=16)[0]
-    config = export.ExportConfig(model=str(path), output_dir="unused")
+    config = export.ExportConfig(model=str(path), output_dir="unused", int8_io=int8_io)
     [(_, content)] = export.build_tflite(config, info, ["tflite_int8_mixed"], calibration)
 
     details = tflite.io_details(content)
-    assert details["input"]["dtype"] == "int8"  # integer I/O: pixels - 128
-    assert details["input"]["scale"] == pytest.approx(1.0, abs=0.01)
+    assert details["input"]["dtype"] == ("uint8" if int8_io else "float32")
+    assert details["outputs"]["logits"]["dtype"] == ("uint8" if int8_io else "float32")
+    if int8_io:  # as tflite_int8: raw pixels map exactly onto the integer input
+        assert details["input"]["scale"] == pytest.approx(1.0, abs=0.01)
     interpreter = tflite._interpreter(content, delegates=False)
     types = {}
     for op in interpreter._get_ops_details():
@@ -381,7 +385,8 @@ def test_app_writes_artifacts_metadata_and_parity(tmp_path, model_files, digits)
     for fmt in tflite.TFLITE_FORMATS:
         artifact = metadata["artifacts"][fmt]
         assert artifact["bytes"] == os.path.getsize(output_dir / artifact["path"])
-    assert metadata["artifacts"]["tflite_int8"]["input"]["dtype"] == "uint8"
+    for name in ("tflite_int8", "tflite_int8_mixed"):
+        assert metadata["artifacts"][name]["input"]["dtype"] == "uint8"
     assert metadata["calibration"]["images"] == 16
 
     parity = json.loads((output_dir / "parity.json").read_text())
@@ -391,7 +396,7 @@ def test_app_writes_artifacts_metadata_and_parity(tmp_path, model_files, digits)
     for name in ("saved_model", "saved_model_uint8", "tflite_fp32"):
         assert rows[name]["passed"] and rows[name]["max_abs_logit_diff"] <= TOLERANCE
     keras_out = keras_logits(model_path, serving_info(digits.info), digits.numpy("test", 24)[0])
-    for name in ("tflite_fp16", "tflite_dynamic_int8", "tflite_int8"):
+    for name in ("tflite_fp16", "tflite_dynamic_int8", "tflite_int8", "tflite_int8_mixed"):
         assert set(rows[name]) == {
             "max_abs_logit_diff",
             "mean_abs_logit_diff",
@@ -451,10 +456,11 @@ def test_app_refuses_bad_input_without_writing(tmp_path, model_files):
         "format": ([f"--model={model}", "--formats=tflite_fp32,onnx"], "onnx"),
         "model": (["--model=/nonexistent/model.keras"], "does not exist"),
         "int8": ([f"--model={model}", "--formats=tflite_int8"], "--dataset"),
+        "int8_mixed": ([f"--model={model}", "--formats=tflite_int8_mixed"], "--dataset"),
     }
     output_dirs = {name: tmp_path / name for name in cases}
     output_dirs["not empty"] = occupied
-    # The four runs are independent: start them together.
+    # The runs are independent: start them together.
     processes = {
         name: subprocess.Popen(
             app_command(*args, f"--output_dir={output_dirs[name]}"),
