@@ -68,6 +68,11 @@ def main(argv):
         train_steps_per_epoch=_STEPS_PER_EPOCH.value,
         benchmark_runs=_BENCHMARK_RUNS.value,
         overwrite=common.OVERWRITE.value,
+        runtime_flags=tuple(
+            f"--{name}={flags.FLAGS[name].value}"
+            for name in ("graph_optimizer", "intra_op_threads", "inter_op_threads")
+            if flags.FLAGS[name].present
+        ),
     )
     pipeline.run_pipeline(config)
 

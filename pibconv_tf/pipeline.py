@@ -46,6 +46,8 @@ class PipelineConfig:
     benchmark_runs: int = 100
     overwrite: bool = False
     verbose: int = 2
+    # Passed on to every TensorFlow app: e.g. ("--graph_optimizer=on", "--intra_op_threads=0").
+    runtime_flags: tuple[str, ...] = ()
 
     def validate(self):
         positive = [f.name for f in dataclasses.fields(self) if f.type is int and f.name != "seed"]
@@ -85,7 +87,7 @@ class Pipeline:
         flags = [f"--dataset={self.config.dataset}", f"--seed={self.config.seed}"]
         if self.config.data_dir:
             flags.append(f"--data_dir={self.config.data_dir}")
-        return flags
+        return flags + list(self.config.runtime_flags)
 
     def search(self):
         c = self.config

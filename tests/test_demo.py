@@ -33,10 +33,17 @@ def demo_dir(tmp_path_factory):
         "--batch_size=8",
         "--steps_per_epoch=2",
         "--benchmark_runs=5",
+        "--intra_op_threads=1",
+        "--inter_op_threads=2",
     ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "=== Summary" in result.stdout
+    # The runtime flags reach every TensorFlow app the demo starts.
+    stages = [line for line in result.stdout.splitlines() if line.startswith("=== [")]
+    for stage in ("search", "train", "evaluate", "export"):
+        [line] = [line for line in stages if line.startswith(f"=== [{stage}]")]
+        assert "--intra_op_threads=1 --inter_op_threads=2" in line, line
     return out
 
 
