@@ -36,6 +36,7 @@ from keras import ops
 from pibconv_tf import ops as ops_lib
 from pibconv_tf import pib_conv
 from pibconv_tf.errors import RunError
+from pibconv_tf.timing import quantize_pixels
 
 TFLITE_FORMATS = (
     "tflite_fp32",
@@ -285,17 +286,6 @@ def io_details(model):
     }
 
 
-def quantize_input(pixels, details):
-    """Raw 0..255 pixels as the input tensor takes them (float, or quantized integers)."""
-    dtype = np.dtype(details["dtype"])
-    scale, zero_point = details["quantization"]
-    if dtype == np.float32 or scale == 0:
-        return pixels.astype(dtype)
-    limits = np.iinfo(dtype)
-    values = np.round(pixels.astype(np.float32) / scale) + zero_point
-    return np.clip(values, limits.min, limits.max).astype(dtype)
-
-
 def dequantize(values, details):
     scale, zero_point = details["quantization"]
     if values.dtype == np.float32 or scale == 0:
@@ -318,7 +308,7 @@ def tflite_logits(model, images, threads=None):
         chunk = np.asarray(images[start : start + batch])
         padded = np.zeros((batch, *chunk.shape[1:]), chunk.dtype)
         padded[: len(chunk)] = chunk
-        result = runner(**{INPUT: quantize_input(padded, input_details)})
+        result = runner(**{INPUT: quantize_pixels(padded, input_details)})
         outputs.append(dequantize(result[LOGITS], logits_details)[: len(chunk)])
     return np.concatenate(outputs) if outputs else np.zeros((0, logits_details["shape"][1]))
 
@@ -359,7 +349,7 @@ def benchmark_tflite(path, threads=1, warmup=10, runs=100):
     details = interpreter.get_input_details()[0]
     shape = tuple(int(d) for d in details["shape"])
     pixels = np.random.default_rng(0).integers(0, 256, shape).astype(np.uint8)
-    interpreter.set_tensor(details["index"], quantize_input(pixels, details))
+    interpreter.set_tensor(details["index"], quantize_pixels(pixels, details))
     for _ in range(warmup):
         interpreter.invoke()
     return {

@@ -55,11 +55,16 @@ def time_calls(call, repeats, warmup=1, min_repeat_seconds=0.0):
 
 
 def quantize_pixels(pixels, details):
-    """uint8 pixels as the model's input tensor wants them (float32, or quantized integers)."""
+    """Raw 0..255 pixels as the model's input tensor takes them: float, quantized integers,
+    or (scale 0: not quantized) the integers themselves.
+
+    The one copy for the package (export_tflite uses it); export/run_tflite.py keeps its own,
+    as the edge runner ships alone.
+    """
     dtype = np.dtype(details["dtype"])
-    if dtype.kind == "f":
-        return pixels.astype(dtype)
     scale, zero_point = details["quantization"]
+    if dtype.kind == "f" or scale == 0:
+        return pixels.astype(dtype)
     info = np.iinfo(dtype)
     values = np.round(pixels.astype(np.float32) / scale + zero_point)
     return np.clip(values, info.min, info.max).astype(dtype)

@@ -481,3 +481,20 @@ def test_app_refuses_bad_input_without_writing(tmp_path, model_files):
             assert not output_dirs[name].exists(), name
     assert [p.name for p in occupied.iterdir()] == ["keep.txt"]
     assert (occupied / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "dtype, quantization, expected",
+    [
+        (np.float32, (0.0, 0), [0.0, 128.0, 255.0]),
+        (np.uint8, (1.0, 0), [0, 128, 255]),
+        (np.int8, (1.0, -128), [-128, 0, 127]),
+        (np.int8, (2.0, 0), [0, 64, 127]),  # 255 / 2 rounds to 128: clipped
+        (np.int32, (0.0, 0), [0, 128, 255]),  # an integer input that is not quantized
+    ],
+)
+def test_pixels_take_the_input_tensors_type(dtype, quantization, expected):
+    pixels = np.array([0, 128, 255], np.uint8)
+    got = tflite.quantize_pixels(pixels, {"dtype": dtype, "quantization": quantization})
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got, np.array(expected, dtype))
