@@ -312,3 +312,24 @@ def test_the_harness_knows_every_export_format_and_implementation():
 
     assert benchmark.TFLITE_FORMATS == export_tflite.TFLITE_FORMATS
     assert tuple(benchmark.TFLITE_IMPLEMENTATIONS) == tuple(export_tflite.PIB_IMPLEMENTATIONS)
+
+
+def test_an_app_refuses_a_bad_thread_count_before_writing(tmp_path):
+    model_dir = tmp_path / "run"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "apps.train",
+            "--genotype=PIBCONV",
+            "--intra_op_threads=-2",
+            f"--model_dir={model_dir}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert result.returncode == 1
+    assert "error: --intra_op_threads must be -1 (auto)" in result.stderr
+    assert not model_dir.exists()

@@ -203,15 +203,21 @@ def test_fp32_tflite_matches_keras(
             assert counts["CONV_2D"] == split["CONV_2D"] + pib_convs
 
 
+def calibrated_tflite(path, digits, fmt, **config):
+    """`fmt` of the model at `path`, calibrated on 16 digits train images; (bytes, info)."""
+    info = serving_info(digits.info)
+    calibration = digits.numpy("train", limit=16)[0]
+    config = export.ExportConfig(model=str(path), output_dir="unused", **config)
+    [(_, content)] = export.build_tflite(config, info, [fmt], calibration)
+    return content, info
+
+
 @pytest.mark.parametrize("genotype_name, io_type", [("PIBCONV", "uint8"), ("DARTS_V2", "int8")])
 def test_full_int8_has_integer_io_and_builtin_ops(
     model_files, digits, images, genotype_name, io_type
 ):
     path = model_files[genotype_name]
-    info = serving_info(digits.info)
-    calibration = digits.numpy("train", limit=16)[0]
-    config = export.ExportConfig(model=str(path), output_dir="unused", int8_io_type=io_type)
-    [(_, content)] = export.build_tflite(config, info, ["tflite_int8"], calibration)
+    content, info = calibrated_tflite(path, digits, "tflite_int8", int8_io_type=io_type)
 
     details = tflite.io_details(content)
     assert details["input"]["dtype"] == io_type
@@ -236,10 +242,7 @@ def test_mixed_int8_keeps_the_slow_operations_float(
     model_files, digits, images, genotype_name, int8_io
 ):
     path = model_files[genotype_name]
-    info = serving_info(digits.info)
-    calibration = digits.numpy("train", limit=16)[0]
-    config = export.ExportConfig(model=str(path), output_dir="unused", int8_io=int8_io)
-    [(_, content)] = export.build_tflite(config, info, ["tflite_int8_mixed"], calibration)
+    content, info = calibrated_tflite(path, digits, "tflite_int8_mixed", int8_io=int8_io)
 
     details = tflite.io_details(content)
     assert details["input"]["dtype"] == ("uint8" if int8_io else "float32")
