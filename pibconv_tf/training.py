@@ -366,9 +366,6 @@ def train(config, extra_callbacks=()):
     run_dir = RunDir.prepare(config.model_dir, config.resume, config.overwrite)
     if run_dir.resumed:
         genotype = _check_resume(run_dir, config, genotype)
-    run_dir.write_json(CONFIG, config.to_dict())
-    run_dir.write_json(GENOTYPE, genotype.to_dict())
-    run_dir.write_json(DATASET, source.info.to_json_dict())
     keras.utils.set_random_seed(config.seed)
     strategy = distribute.get_strategy(config.strategy)
     with dtype_policy(config.mixed_precision):
@@ -379,6 +376,10 @@ def train(config, extra_callbacks=()):
             epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         manager = run_dir.checkpoint_manager(network=network, optimizer=optimizer, epoch=epoch)
         start = _restore(manager, epoch, run_dir)
+        # Written once the checkpoint (if any) restored: a failed resume leaves the run as it was.
+        run_dir.write_json(CONFIG, config.to_dict())
+        run_dir.write_json(GENOTYPE, genotype.to_dict())
+        run_dir.write_json(DATASET, source.info.to_json_dict())
         export = ModelExport(network, lambda: _inference_network(config, genotype, source.info))
         stopper = callbacks_lib.StopOnNonFinite()
         callbacks = [
@@ -481,7 +482,14 @@ def _restore(manager, epoch, run_dir):
     """Restores the latest checkpoint (if any) and drops log lines of later epochs."""
     if manager.latest_checkpoint is None:
         return 0
-    manager.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    try:
+        manager.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    except AssertionError as error:
+        raise UserInputError(
+            f"The checkpoint {manager.latest_checkpoint!r} does not match the network built "
+            "for this run (a version of pibconv_tf with other layers wrote it); resume it "
+            "with that version, or start a new run."
+        ) from error
     start = int(epoch.numpy())
     run_dir.truncate_jsonl(callbacks_lib.METRICS, lambda record: record["epoch"] <= start)
     return start

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import keras
 import numpy as np
@@ -255,6 +256,26 @@ class TrainRunTest(TestCase):
             json.loads((root / "split" / "dataset.json").read_text())["class_names"],
             [str(d) for d in range(10)],
         )
+
+    def test_resume_of_a_checkpoint_of_other_layers_fails_clearly_and_changes_nothing(self):
+        root = Path(temp_dir(self))
+        training.train(tiny_config(root, epochs=1))
+        before = {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()}
+        build = training.build_trainer
+
+        def build_other_layers(*args, **kwargs):  # as a later version with a new layer
+            network, trainer, optimizer = build(*args, **kwargs)
+            network.extra_layer = keras.layers.Dense(2)
+            network.extra_layer.build((None, 3))
+            return network, trainer, optimizer
+
+        with (
+            mock.patch.object(training, "build_trainer", build_other_layers),
+            self.assertRaisesRegex(UserInputError, "does not match the network"),
+        ):
+            training.train(tiny_config(root, epochs=2, resume=True))
+        after = {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()}
+        self.assertEqual(after, before)
 
     def test_non_finite_loss_stops_and_keeps_checkpoint(self):
         root = Path(temp_dir(self))
