@@ -10,6 +10,9 @@ from keras import ops
 from pibconv_tf import ops as ops_lib
 from pibconv_tf.genotypes import Genotype
 
+# Operations without weights: two edges applying the same one to the same state agree.
+_WEIGHT_FREE = (ops_lib.Pool3x3, ops_lib.Identity, ops_lib.Zero)
+
 
 def drop_path(x, rate, seed_generator):
     """Zeroes whole samples with probability `rate` and rescales the rest by 1/(1-rate).
@@ -18,8 +21,9 @@ def drop_path(x, rate, seed_generator):
     """
     keep = 1.0 - ops.cast(rate, "float32")
     shape = (ops.shape(x)[0], 1, 1, 1)
-    mask = ops.cast(keras.random.uniform(shape, seed=seed_generator) < keep, x.dtype)
-    return x * mask / ops.cast(keep, x.dtype)
+    mask = ops.cast(keras.random.uniform(shape, seed=seed_generator) < keep, "float32")
+    # One pass over x: the per-sample factor (0 or 1/keep) is formed first.
+    return x * ops.cast(mask / keep, x.dtype)
 
 
 @keras.saving.register_keras_serializable(package="pibconv_tf")
@@ -39,9 +43,13 @@ class Cell(keras.layers.Layer):
         reduction_prev: whether the previous cell was a reduction cell (C_{k-2} must then be
             halved).
         initializer: "torch" or "keras" kernel initialisation.
+        activated_inputs: the inputs come already through the ReLU that both preprocessing
+            operations start with (a network computes it once per state, for the two cells
+            that read it); the cell then does not apply it again.
 
     Call arguments:
-        inputs: [s0, s1], the outputs of cells k-2 and k-1 (C_{k-2}, C_{k-1}).
+        inputs: [s0, s1], the outputs of cells k-2 and k-1 (C_{k-2}, C_{k-1}), or their
+            ReLUs with `activated_inputs`.
         training: whether BatchNorm uses batch statistics and drop path is active.
     """
 
@@ -53,6 +61,7 @@ class Cell(keras.layers.Layer):
         reduction_prev=False,
         initializer="torch",
         seed=None,
+        activated_inputs=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -64,16 +73,22 @@ class Cell(keras.layers.Layer):
         self.reduction_prev = reduction_prev
         self.initializer = initializer
         self.seed = seed
+        self.activated_inputs = activated_inputs
+        activate = not activated_inputs
         cell = "reduce" if reduction else "normal"
         self.edges = getattr(genotype, cell)
         self.concat = getattr(genotype, f"{cell}_concat")
         if reduction_prev:
-            self.preprocess0 = ops_lib.FactorizedReduce(filters, True, initializer, name="pre0")
+            self.preprocess0 = ops_lib.FactorizedReduce(
+                filters, True, initializer, activate=activate, name="pre0"
+            )
         else:
             self.preprocess0 = ops_lib.ReLUConvBN(
-                filters, 1, 1, initializer=initializer, name="pre0"
+                filters, 1, 1, activate=activate, initializer=initializer, name="pre0"
             )
-        self.preprocess1 = ops_lib.ReLUConvBN(filters, 1, 1, initializer=initializer, name="pre1")
+        self.preprocess1 = ops_lib.ReLUConvBN(
+            filters, 1, 1, activate=activate, initializer=initializer, name="pre1"
+        )
         self.edge_ops = []
         for position, (op_name, index) in enumerate(self.edges):
             strides = 2 if reduction and index < 2 else 1
@@ -97,11 +112,15 @@ class Cell(keras.layers.Layer):
     def call(self, inputs, training=None):
         s0, s1 = inputs
         states = [self.preprocess0(s0, training=training), self.preprocess1(s1, training=training)]
+        shared = {}  # weight-free operations of the same state: computed once
         for node in range(len(self.edges) // 2):
             total = None
             for position in (2 * node, 2 * node + 1):
                 op = self.edge_ops[position]
-                h = op(states[self.edges[position][1]], training=training)
+                key = self.edges[position] if isinstance(op, _WEIGHT_FREE) else position
+                if key not in shared:
+                    shared[key] = op(states[self.edges[position][1]], training=training)
+                h = shared[key]
                 if training and not isinstance(op, ops_lib.Identity):
                     # At rate 0 the mask is all ones: the identity, without a branch.
                     h = drop_path(h, self.drop_path_rate, self.seed_generator)
@@ -118,6 +137,7 @@ class Cell(keras.layers.Layer):
             "reduction_prev": self.reduction_prev,
             "initializer": self.initializer,
             "seed": self.seed,
+            "activated_inputs": self.activated_inputs,
         }
 
 

@@ -132,6 +132,10 @@ def model_complexity(model):
             h, w, c_out = _shape(layer.output)
             kh, kw = layer.kernel_size
             count.conv(h * w, c_out, kh * kw, _shape(layer.input)[-1] // layer.groups)
+        elif name == "ConvBatchNorm":  # the stem
+            h, w, c_out = _shape(layer.output)
+            count.conv(h * w, c_out, layer.kernel_size**2, _shape(layer.input)[-1])
+            count.norm(h * w * c_out, True)
         elif name == "BatchNormalization":
             count.norm(int(np.prod(_shape(layer.input))), layer.scale or layer.center)
         elif name == "GlobalAveragePooling2D":

@@ -363,11 +363,10 @@ def model_description(model, path):
         "params": int(sum(np.prod(v.shape) for v in model.trainable_weights)),
     }
     if cells:
-        stem = model.get_layer("stem_conv")
         description.update(
             genotype=cells[0].genotype.to_dict(),
             layers=len(cells),
-            init_channels=int(stem.filters) // networks.STEM_MULTIPLIER,
+            init_channels=networks.stem_channels(model) // networks.STEM_MULTIPLIER,
         )
     return description
 

@@ -154,10 +154,15 @@ class BatchNorm(keras.layers.BatchNormalization):
         )
 
 
-def batch_norm(affine, name):
+def batch_norm(affine, name, dtype=None):
     """BatchNorm with PyTorch's numerics; `affine=False` drops scale and centre (search)."""
     return BatchNorm(
-        epsilon=BN_EPSILON, momentum=BN_MOMENTUM, center=affine, scale=affine, name=name
+        epsilon=BN_EPSILON,
+        momentum=BN_MOMENTUM,
+        center=affine,
+        scale=affine,
+        name=name,
+        dtype=dtype,
     )
 
 
@@ -193,7 +198,7 @@ def gelu(x, training=None):
 
 @ops.custom_gradient
 def _gelu_with_gradient(x):
-    cdf = 0.5 * ops.erfc(-x * _SQRT_HALF)  # TensorFlow's form: exact in the far left tail
+    cdf = 0.5 * ops.erfc(x * -_SQRT_HALF)  # TensorFlow's form: exact in the far left tail
 
     def grad(*args, upstream=None):
         upstream = args[0] if upstream is None else upstream
@@ -254,7 +259,7 @@ class Conv2D(keras.layers.Conv2D):
         return outputs if self.activation is None else self.activation(outputs)
 
 
-def conv2d(filters, kernel_size, strides, initializer, name, dilation_rate=1, groups=1):
+def conv2d(filters, kernel_size, strides, initializer, name, dilation_rate=1, groups=1, dtype=None):
     """A bias-free convolution; stride-2 inputs are padded by `symmetric_pad` beforehand."""
     return Conv2D(
         filters,
@@ -266,11 +271,51 @@ def conv2d(filters, kernel_size, strides, initializer, name, dilation_rate=1, gr
         use_bias=False,
         kernel_initializer=kernel_initializer(initializer),
         name=name,
+        dtype=dtype,
     )
 
 
+@keras.saving.register_keras_serializable(package="pibconv_tf")
+class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
+    """`keras.layers.DepthwiseConv2D` with PyTorch's padding and faster CPU training kernels.
+
+    Same weights, configuration and numbers as Keras' layer. A strided convolution pads its
+    input symmetrically by the call argument `pad` first (PyTorch's `padding=`; the layer is
+    built "valid" for strides above 1, see `padding_mode`). In training on a CPU-only
+    TensorFlow, `backend_kernels.depthwise_conv2d_training` takes stride-1 convolutions with
+    kernels of 5 or more and stride-2 ones without dilation (faster oneDNN kernels and
+    gradients); everything else is Keras' convolution.
+
+    Args:
+        Those of `keras.layers.DepthwiseConv2D`.
+
+    Call arguments:
+        inputs: NHWC tensor.
+        training: whether the training kernels may be taken.
+        pad: symmetric padding of H and W before a strided convolution (ignored at stride 1,
+            whose "same" padding is already symmetric for odd kernels).
+    """
+
+    def call(self, inputs, training=None, pad=0):
+        if training and self._fast(inputs):
+            kernel = ops.cast(self.kernel, inputs.dtype)
+            outputs = backend_kernels.depthwise_conv2d_training(
+                inputs, kernel, self.strides, self.dilation_rate, pad
+            )
+            return outputs if self.activation is None else self.activation(outputs)
+        return super().call(symmetric_pad(inputs, self.strides, pad))
+
+    def _fast(self, inputs):
+        plain = not self.use_bias and self.depth_multiplier == 1
+        plain = plain and self.data_format == "channels_last"
+        plain = plain and self.padding == padding_mode(self.strides)
+        return plain and backend_kernels.depthwise_training_available(
+            inputs, self.kernel_size, self.strides, self.dilation_rate
+        )
+
+
 def depthwise_conv2d(kernel_size, strides, initializer, name, dilation_rate=1):
-    return keras.layers.DepthwiseConv2D(
+    return DepthwiseConv2D(
         kernel_size,
         strides=strides,
         padding=padding_mode(strides),
@@ -306,3 +351,75 @@ def build_sublayers(*pairs):
     """Builds each (layer, input_channels) pair; convolutions and norms need only channels."""
     for layer, channels in pairs:
         layer.build((None, None, None, channels))
+
+
+@keras.saving.register_keras_serializable(package="pibconv_tf")
+class ConvBatchNorm(keras.layers.Layer):
+    """A bias-free KxK stride-1 convolution followed by BatchNorm, trained as one product.
+
+    In inference (and for float16 / bfloat16 inputs) it is the two layers `conv` and `bn`.
+    In training, a convolution of few input channels (the network's stem: 3x3 over RGB, 27
+    values per pixel) is rewritten exactly: with P the N*H*W x K*K*C_in image patches, the
+    convolution is P @ W, so its batch mean is mean(P) @ W and its batch variance
+    diag(W^T cov(P) W), where cov(P) is only K*K*C_in square. The normalised output is then
+    one matrix product of the centred patches by W scaled per channel, plus the shift: the
+    convolution's and BatchNorm's passes over the N*H*W x C_out output (forward and
+    backward) become one matrix product each way. Same weights, moving statistics and
+    numbers (to rounding) as `conv` then `bn`.
+
+    Args:
+        filters: output channels.
+        kernel_size: K (odd; "same" padding).
+        initializer: "torch" or "keras" (the convolution's kernel).
+
+    Call arguments:
+        inputs: NHWC tensor.
+        training: use (and record) the batch statistics.
+    """
+
+    def __init__(self, filters, kernel_size=3, initializer="torch", **kwargs):
+        super().__init__(**kwargs)
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd for 'same' padding, got {kernel_size}.")
+        self.filters = filters
+        self.kernel_size = kernel_size
+        self.initializer = initializer
+        # The sublayers follow this layer's dtype policy (Keras does not pass it down).
+        self.conv = conv2d(filters, kernel_size, 1, initializer, "conv", dtype=self.dtype_policy)
+        self.bn = batch_norm(True, name="bn", dtype=self.dtype_policy)
+
+    def build(self, input_shape):
+        build_sublayers((self.conv, input_shape[-1]), (self.bn, self.filters))
+
+    def call(self, inputs, training=None):
+        if not (training and self.bn.trainable) or inputs.dtype not in ("float32", "float64"):
+            return self.bn(self.conv(inputs), training=training)
+        k = self.kernel_size
+        shape = ops.shape(inputs)
+        patches = ops.image.extract_patches(inputs, (k, k), strides=(1, 1), padding="same")
+        patches = ops.reshape(patches, (-1, k * k * inputs.shape[-1]))
+        kernel = ops.reshape(ops.cast(self.conv.kernel, inputs.dtype), (-1, self.filters))
+        patch_mean = ops.mean(patches, axis=0)
+        centred = patches - patch_mean
+        count = ops.cast(ops.shape(patches)[0], inputs.dtype)
+        covariance = ops.matmul(ops.transpose(centred), centred) / count
+        mean = ops.matmul(patch_mean[None, :], kernel)[0]
+        variance = ops.sum(kernel * ops.matmul(covariance, kernel), axis=0)
+        self.bn._update_moving_statistics(mean, variance, inputs.dtype)
+        factor = ops.rsqrt(variance + self.bn.epsilon) * ops.cast(self.bn.gamma, inputs.dtype)
+        # The shift as one more input column of ones: one product, no pass to add it.
+        centred = ops.concatenate([centred, ops.ones_like(centred[:, :1])], axis=1)
+        folded = ops.concatenate([kernel * factor, ops.cast(self.bn.beta, inputs.dtype)[None]], 0)
+        outputs = ops.matmul(centred, folded)
+        return ops.reshape(outputs, (shape[0], shape[1], shape[2], self.filters))
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.filters)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "filters": self.filters,
+            "kernel_size": self.kernel_size,
+            "initializer": self.initializer,
+        }

@@ -30,6 +30,16 @@ def cell_name(index):
     return f"cell_{index}"
 
 
+def stem_channels(model):
+    """Output channels of the stem of a `network_cifar` model (3C).
+
+    Models saved before the stem became one `ConvBatchNorm` layer ("stem") hold it as the
+    layers "stem_conv" and "stem_bn"; both load and are read here.
+    """
+    names = {layer.name for layer in model.layers}
+    return int(model.get_layer("stem" if "stem" in names else "stem_conv").filters)
+
+
 def last_cell_name(model):
     """Name of the last cell of a network built by `network_cifar`."""
     cells = [layer.name for layer in model.layers if isinstance(layer, Cell)]
@@ -140,9 +150,11 @@ def network_cifar(
         raise ValueError(f"layers must be >= 1, got {layers}.")
     inputs = keras.Input((image_size, image_size, 3), name="images")
     stem_channels = STEM_MULTIPLIER * init_channels
-    x = L.conv2d(stem_channels, 3, 1, initializer, name="stem_conv")(inputs)
-    x = L.batch_norm(True, name="stem_bn")(x)
-    s0 = s1 = x
+    x = L.ConvBatchNorm(stem_channels, 3, initializer, name="stem")(inputs)
+    # Every cell starts by passing both inputs through a ReLU: it is computed once per state
+    # here, for the two cells that read the state, instead of once in each.
+    s1 = x
+    r0 = r1 = keras.layers.ReLU(name="stem_relu")(x)
     filters, reduction_prev, aux_logits = init_channels, False, None
     reductions = reduction_indices(layers)
     for index in range(layers):
@@ -156,9 +168,12 @@ def network_cifar(
             reduction_prev=reduction_prev,
             initializer=initializer,
             seed=None if seed is None else seed + index,
+            activated_inputs=True,
             name=cell_name(index),
         )
-        s0, s1 = s1, cell([s0, s1])
+        s1 = cell([r0, r1])
+        if index + 1 < layers:
+            r0, r1 = r1, keras.layers.ReLU(name=f"{cell_name(index)}_relu")(s1)
         reduction_prev = reduction
         if auxiliary and index == 2 * layers // 3:
             aux_logits = AuxiliaryHead(num_classes, initializer, name="auxiliary_head")(s1)

@@ -70,15 +70,17 @@ class FactorizedReduce(keras.layers.Layer):
         filters: output channels (even).
         affine: BatchNorm with learnable scale and centre.
         initializer: "torch" (PyTorch's default) or "keras" kernel initialisation.
+        activate: apply the ReLU; False for inputs the caller has already passed through it.
     """
 
-    def __init__(self, filters, affine=True, initializer="torch", **kwargs):
+    def __init__(self, filters, affine=True, initializer="torch", activate=True, **kwargs):
         super().__init__(**kwargs)
         if filters % 2:
             raise ValueError(f"FactorizedReduce needs an even number of filters, got {filters}.")
         self.filters = filters
         self.affine = affine
         self.initializer = initializer
+        self.activate = activate
         self.conv_1 = L.conv2d(filters // 2, 1, 1, initializer, name="conv_1")
         self.conv_2 = L.conv2d(filters // 2, 1, 1, initializer, name="conv_2")
         self.bn = L.batch_norm(affine, name="bn")
@@ -90,7 +92,7 @@ class FactorizedReduce(keras.layers.Layer):
         self.bn.build(out_shape)
 
     def call(self, inputs, training=None):
-        x = ops.relu(inputs)
+        x = ops.relu(inputs) if self.activate else inputs
         height, width, channels = x.shape[1:]
         if height is None or width is None or channels is None:
             shifted = ops.pad(x[:, 1:, 1:, :], [[0, 0], [0, 1], [0, 1], [0, 0]])
@@ -115,6 +117,7 @@ class FactorizedReduce(keras.layers.Layer):
             "filters": self.filters,
             "affine": self.affine,
             "initializer": self.initializer,
+            "activate": self.activate,
         }
 
 
@@ -164,11 +167,14 @@ class ReLUConvBN(_ConvStack):
         filters: output channels.
         kernel_size: odd kernel size; padding is `kernel_size // 2` on each side.
         strides: 1 or 2.
+        activate: apply the activation; False when the caller passes inputs it has already
+            activated (a network shares one ReLU among a state's consumers).
         affine, activation, norm, initializer: see `SepConv`.
     """
 
-    def __init__(self, filters, kernel_size=1, strides=1, **kwargs):
+    def __init__(self, filters, kernel_size=1, strides=1, activate=True, **kwargs):
         super().__init__(filters, kernel_size, strides, **kwargs)
+        self.activate = activate
         self.conv = L.conv2d(filters, kernel_size, strides, self.initializer, name="conv")
         self.bn = L.norm_layer(self.norm, self.affine, name="bn")
 
@@ -176,9 +182,12 @@ class ReLUConvBN(_ConvStack):
         L.build_sublayers((self.conv, input_shape[-1]), (self.bn, self.filters))
 
     def call(self, inputs, training=None):
-        x = L.activation(inputs, self.activation, training)
+        x = L.activation(inputs, self.activation, training) if self.activate else inputs
         x = L.symmetric_pad(x, self.strides, self.kernel_size // 2)
         return self.bn(self.conv(x), training=training)
+
+    def get_config(self):
+        return {**super().get_config(), "activate": self.activate}
 
 
 @_REGISTER
@@ -234,7 +243,7 @@ class SepConv(_ConvStack):
     def call(self, inputs, training=None):
         pad = self.kernel_size // 2
         x = L.activation(inputs, self.activation, training)
-        x = self.dw_1(L.symmetric_pad(x, self.strides, pad))
+        x = self.dw_1(x, pad=pad)
         x = self.norm_1(self.pw_1(x), training=training)
         x = L.activation(x, self.activation, training)
         x = self.norm_2(self.pw_2(self.dw_2(x)), training=training)
@@ -265,7 +274,7 @@ class DilConv(_ConvStack):
     def call(self, inputs, training=None):
         pad = self.dilation_rate * (self.kernel_size - 1) // 2
         x = L.activation(inputs, self.activation, training)
-        x = self.dw(L.symmetric_pad(x, self.strides, pad))
+        x = self.dw(x, pad=pad)
         return self.bn(self.pw(x), training=training)
 
     def get_config(self):

@@ -8,6 +8,7 @@ Reference:
 import keras
 from keras import ops
 
+from pibconv_tf import backend_kernels
 from pibconv_tf import layers as L
 
 IMPLEMENTATIONS = ("depthwise", "grouped")
@@ -97,7 +98,7 @@ class PIBConv(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         pad = self.kernel_size // 2
-        x = self.dw(L.symmetric_pad(inputs, self.strides, pad))
+        x = self.dw(inputs, pad=pad)
         x = self.bn(x, training=training)
         if training and self.implementation == "depthwise":
             x = self._expand_and_group(x, training)
@@ -116,7 +117,10 @@ class PIBConv(keras.layers.Layer):
         for i in range(f):
             y = L.pointwise(x, expand[..., i], training)
             depthwise = ops.reshape(grouped[:, :, i, :], (k, k, c, 1))
-            y = ops.depthwise_conv(y, depthwise, strides=1, padding="same")
+            if backend_kernels.depthwise_training_available(y, (k, k), (1, 1), (1, 1)):
+                y = backend_kernels.depthwise_conv2d_training(y, depthwise)
+            else:
+                y = ops.depthwise_conv(y, depthwise, strides=1, padding="same")
             total = y if total is None else total + y
         return total
 
@@ -205,7 +209,7 @@ class ConvNeXtBlock(keras.layers.Layer):
         )
 
     def call(self, inputs, training=None):
-        x = self.dw(L.symmetric_pad(inputs, self.strides, self.kernel_size // 2))
+        x = self.dw(inputs, pad=self.kernel_size // 2)
         x = self.norm_layer(x, training=training)
         x = L.gelu(self.pw_expand(x), training)
         return self.pw_project(x)

@@ -1,8 +1,10 @@
 """The training fast paths of pibconv_tf.layers and PIBConv compute what the plain forms do.
 
-`layers.BatchNorm` (one-pass statistics), `layers.Conv2D` (1x1 as a matrix product) and
-PIBConv's training form (F branches of 1x1 + depthwise convolutions) must match Keras'
-layers and PIBConv's two-step form in outputs, gradients and moving statistics.
+`layers.BatchNorm` (fused kernel or one-pass statistics), `layers.Conv2D` (1x1 as a matrix
+product), `layers.DepthwiseConv2D` (CPU kernels with other gradients or explicit padding),
+`layers.ConvBatchNorm` (the stem as one product of patches) and PIBConv's training form (F
+branches of 1x1 + depthwise convolutions) must match Keras' layers and PIBConv's two-step
+form in outputs, gradients and moving statistics.
 """
 
 import math
@@ -12,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
+from pibconv_tf import backend_kernels
 from pibconv_tf import layers as L
 from pibconv_tf.pib_conv import PIBConv
 from tests import test_case
@@ -22,8 +25,10 @@ def _gradients(function, x, variables):
     with tf.GradientTape() as tape:
         tape.watch(x)
         y = function(x)
-        # A loss that weights every output differently, so that no gradient is trivial.
-        loss = tf.reduce_sum(y * tf.random.stateless_normal(y.shape, (1, 2), dtype=y.dtype))
+        # A loss that weights every output differently, so that no gradient is trivial (the
+        # same weights in every dtype).
+        weights = np.random.default_rng(12).normal(size=y.shape)
+        loss = tf.reduce_sum(y * tf.constant(weights, y.dtype))
     return y, tape.gradient(loss, [x, *variables])
 
 
@@ -120,6 +125,169 @@ class BatchNormTest(test_case.TestCase):
             self.assertAllClose(
                 getattr(layers[0], name), getattr(layers[1], name), rtol=1e-5, atol=1e-6
             )
+
+
+class FusedBatchNormLayoutTest(test_case.TestCase):
+    @parameterized.parameters(12, 16)
+    def test_channel_counts_on_either_layout_match_the_one_pass_form(self, channels):
+        # C = 12 takes the [N H W, 1, 1, C] view of the fused kernel on a CPU, C = 16 not.
+        x = np.random.default_rng(5).normal(1.0, 2.0, (3, 5, 7, channels))
+        results = []
+        for dtype in ("float32", "float64"):
+            layer = L.BatchNorm(epsilon=L.BN_EPSILON, momentum=L.BN_MOMENTUM, dtype=dtype)
+            layer.build(x.shape)
+            layer.gamma.assign(np.linspace(0.5, 1.5, channels))
+            y, grads = _gradients(
+                lambda t, bn=layer: bn(t, training=True),
+                tf.constant(x, dtype),
+                layer.trainable_weights,
+            )
+            results.append([y, *grads, layer.moving_mean, layer.moving_variance])
+        for fused, exact in zip(*results, strict=True):
+            self.assertAllClose(fused, exact, atol=2e-5, rtol=1e-4)
+
+
+def _depthwise_pair(kernel_size, strides, dilation, channels):
+    ours = L.depthwise_conv2d(kernel_size, strides, "torch", "ours", dilation)
+    theirs = keras.layers.DepthwiseConv2D(
+        kernel_size,
+        strides=strides,
+        padding=L.padding_mode(strides),
+        dilation_rate=dilation,
+        use_bias=False,
+    )
+    for layer in (ours, theirs):
+        layer.build((None, None, None, channels))
+    ours.set_weights(theirs.get_weights())
+    return ours, theirs
+
+
+class DepthwiseConv2DTest(test_case.TestCase):
+    @parameterized.product(
+        case=((5, 1, 1), (7, 1, 1), (5, 1, 2), (3, 2, 1), (5, 2, 1), (7, 2, 1)), size=(8, 9)
+    )
+    def test_training_kernels_match_keras(self, case, size):
+        kernel_size, strides, dilation = case
+        pad = dilation * (kernel_size // 2)
+        x = np.random.default_rng(6).normal(size=(3, size, size, 5)).astype("float32")
+        ours, theirs = _depthwise_pair(kernel_size, strides, dilation, 5)
+        self.assertTrue(
+            backend_kernels.depthwise_training_available(
+                tf.constant(x), ours.kernel_size, ours.strides, ours.dilation_rate
+            )
+        )
+        y_ours, g_ours = _gradients(lambda t: ours(t, training=True, pad=pad), x, [ours.kernel])
+        y_theirs, g_theirs = _gradients(
+            lambda t: theirs(L.symmetric_pad(t, strides, pad)), x, [theirs.kernel]
+        )
+        self.assertAllClose(y_ours, y_theirs, atol=1e-5)
+        for a, b in zip(g_ours, g_theirs, strict=True):
+            self.assertAllClose(a, b, atol=1e-4, rtol=1e-4)
+        # Inference is Keras' graph (what converters see).
+        self.assertAllClose(ours(x, pad=pad), y_theirs, atol=1e-6)
+
+    @parameterized.parameters((5, 1), (3, 2))
+    def test_training_kernels_are_the_intended_ones(self, kernel_size, strides):
+        ours, _ = _depthwise_pair(kernel_size, strides, 1, 4)
+        x = tf.zeros((2, 8, 8, 4))
+
+        def step(t):
+            with tf.GradientTape() as tape:
+                tape.watch(t)
+                y = ours(t, training=True, pad=kernel_size // 2)
+            return tape.gradient(y, [t, ours.kernel])
+
+        types = {
+            op.type for op in tf.function(step).get_concrete_function(x).graph.get_operations()
+        }
+        if strides == 1:  # the filter gradient as a forward convolution
+            self.assertNotIn("DepthwiseConv2dNativeBackpropFilter", types)
+        else:  # explicit padding: no padded copy of the input
+            self.assertNotIn("Pad", types)
+            self.assertIn("DepthwiseConv2dNativeBackpropFilter", types)
+
+    def test_3x3_stride_1_stays_keras(self):
+        x = tf.zeros((2, 8, 8, 4))
+        self.assertFalse(backend_kernels.depthwise_training_available(x, (3, 3), (1, 1), (1, 1)))
+        self.assertFalse(backend_kernels.depthwise_training_available(x, (5, 5), (2, 2), (2, 2)))
+        self.assertTrue(backend_kernels.depthwise_training_available(x, (3, 3), (2, 2), (1, 1)))
+
+    @parameterized.parameters((5, 1), (3, 2))
+    def test_second_derivatives_match_keras(self, kernel_size, strides):
+        pad = kernel_size // 2
+        x = tf.constant(np.random.default_rng(7).normal(size=(2, 7, 7, 3)), "float32")
+        weights = tf.constant(np.random.default_rng(8).normal(size=(2, 7, 7, 3)), "float32")
+        ours, theirs = _depthwise_pair(kernel_size, strides, 1, 3)
+
+        def hessian_vector(call, kernel):
+            with tf.GradientTape() as outer:
+                outer.watch(x)
+                with tf.GradientTape() as inner:
+                    inner.watch(x)
+                    y = call(x)
+                    loss = tf.reduce_sum(tf.square(y)) * 0.5
+                g = inner.gradient(loss, kernel)
+                directional = tf.reduce_sum(g * tf.ones_like(g))
+            return outer.gradient(directional, x)
+
+        ours_hv = hessian_vector(lambda t: ours(t, training=True, pad=pad), ours.kernel)
+        theirs_hv = hessian_vector(
+            lambda t: theirs(L.symmetric_pad(t, strides, pad)), theirs.kernel
+        )
+        del weights
+        self.assertAllClose(ours_hv, theirs_hv, atol=1e-4, rtol=1e-4)
+
+
+class ConvBatchNormTest(test_case.TestCase):
+    @parameterized.parameters("float32", "float64")
+    def test_training_matches_conv_then_batch_norm(self, dtype):
+        rng = np.random.default_rng(9)
+        # Offset, unevenly scaled channels: the covariance form must not lose precision.
+        x = rng.normal(size=(4, 9, 9, 3)) * [0.5, 1.0, 3.0] + [1.0, -2.0, 0.5]
+        stem = L.ConvBatchNorm(6, 3, dtype=dtype)
+        conv = keras.layers.Conv2D(6, 3, padding="same", use_bias=False, dtype=dtype)
+        bn = L.BatchNorm(epsilon=L.BN_EPSILON, momentum=L.BN_MOMENTUM, dtype=dtype)
+        stem.build(x.shape)
+        conv.build(x.shape)
+        bn.build((None, 9, 9, 6))
+        conv.set_weights(stem.conv.get_weights())
+        bn.gamma.assign(rng.uniform(0.5, 2.0, 6))
+        bn.beta.assign(rng.normal(size=6))
+        stem.bn.set_weights(bn.get_weights())
+        t = tf.constant(x, dtype)
+        y_ours, g_ours = _gradients(
+            lambda u: stem(u, training=True), t, [stem.conv.kernel, stem.bn.gamma, stem.bn.beta]
+        )
+        y_plain, g_plain = _gradients(
+            lambda u: bn(conv(u), training=True), t, [conv.kernel, bn.gamma, bn.beta]
+        )
+        tolerance = 1e-10 if dtype == "float64" else 2e-5
+        self.assertAllClose(y_ours, y_plain, atol=tolerance)
+        for a, b in zip(g_ours, g_plain, strict=True):
+            self.assertAllClose(a, b, atol=20 * tolerance, rtol=20 * tolerance)
+        for name in ("moving_mean", "moving_variance"):
+            self.assertAllClose(getattr(stem.bn, name), getattr(bn, name), atol=tolerance)
+        self.assertAllClose(stem(t, training=False), bn(conv(t), training=False), atol=1e-5)
+
+    def test_training_graph_is_products_without_batch_norm(self):
+        stem = L.ConvBatchNorm(8, 3)
+        x = tf.zeros((2, 8, 8, 3))
+        stem(x)
+        graph = tf.function(lambda t: stem(t, training=True)).get_concrete_function(x).graph
+        types = [op.type for op in graph.get_operations()]
+        self.assertFalse(any("BatchNorm" in name for name in types), types)
+        # The patches (Keras extracts them with a one-hot convolution) and the products.
+        self.assertLessEqual(types.count("Conv2D"), 1)
+        self.assertGreaterEqual(types.count("MatMul"), 3)
+
+    def test_serialization_round_trip(self):
+        self.run_layer_test(
+            L.ConvBatchNorm, {"filters": 5, "kernel_size": 3}, (2, 6, 6, 3), (2, 6, 6, 5)
+        )
+
+    def test_even_kernel_is_refused(self):
+        with self.assertRaisesRegex(ValueError, "odd"):
+            L.ConvBatchNorm(4, 2)
 
 
 class GeluTest(test_case.TestCase):

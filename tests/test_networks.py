@@ -2,6 +2,7 @@
 
 import keras
 import numpy as np
+import tensorflow as tf
 from absl.testing import parameterized
 
 from pibconv_tf import cells, networks
@@ -72,3 +73,62 @@ class NetworkTest(test_case.TestCase):
         )
         history = model.fit(x, y, batch_size=8, epochs=15, verbose=0)
         self.assertLess(history.history["loss"][-1], 0.5 * history.history["loss"][0])
+
+
+class CellFormsTest(test_case.TestCase):
+    @parameterized.parameters(False, True)
+    def test_activated_inputs_compute_the_same_cell(self, reduction_prev):
+        # A network passes each state through the cells' shared ReLU once; the cell then
+        # skips its own: the same numbers as the cell applying it to raw states.
+        rng = np.random.default_rng(3)
+        s0 = rng.normal(size=(2, 16 if reduction_prev else 8, 16 if reduction_prev else 8, 8))
+        s1 = rng.normal(size=(2, 8, 8, 12))
+        s0, s1 = s0.astype("float32"), s1.astype("float32")
+        raw = cells.Cell(G.PIBCONV, 8, reduction=True, reduction_prev=reduction_prev)
+        shared = cells.Cell(
+            G.PIBCONV, 8, reduction=True, reduction_prev=reduction_prev, activated_inputs=True
+        )
+        raw([s0, s1])
+        shared([s0, s1])
+        shared.set_weights(raw.get_weights())
+        relu = keras.ops.relu
+        for training in (False, True):
+            self.assertAllClose(
+                shared([relu(s0), relu(s1)], training=training),
+                raw([s0, s1], training=training),
+                atol=1e-5,
+                msg=f"training={training}",
+            )
+        self.assertTrue(cells.Cell.from_config(shared.get_config()).activated_inputs)
+
+    def test_network_computes_each_relu_once(self):
+        model = networks.network_cifar(G.PIBCONV, 10, 4, 3, image_size=16)
+        names = [layer.name for layer in model.layers]
+        # The stem's and every cell's output but the last (read by the classifier only).
+        self.assertEqual(
+            [n for n in names if n.endswith("relu")], ["stem_relu", "cell_0_relu", "cell_1_relu"]
+        )
+        self.assertTrue(all(model.get_layer(f"cell_{i}").activated_inputs for i in range(3)))
+        self.assertEqual(networks.stem_channels(model), 12)
+
+    def test_weight_free_operations_of_one_state_are_computed_once(self):
+        # PIBCONV's reduction cell average-pools state 0 on three edges: one pooling (two
+        # AvgPool ops with the padding count), not three.
+        cell = cells.Cell(G.PIBCONV, 4, reduction=True)
+        x = tf.zeros((2, 8, 8, 4))
+        cell([x, x])
+        graph = tf.function(lambda a: cell([a, a], training=True)).get_concrete_function(x).graph
+        pools = [op for op in graph.get_operations() if op.type == "AvgPool"]
+        self.assertLen(pools, 2)
+        # Operations with weights are never shared, even on the same state.
+        normal = cells.Cell(G.PIBCONV, 4)
+        normal([x, x])
+        edge_0, edge_2 = normal.edge_ops[0], normal.edge_ops[2]
+        self.assertEqual(normal.edges[0], normal.edges[2])
+        self.assertTrue(edge_0.weights and edge_2.weights)
+
+    def test_models_saved_with_the_two_layer_stem_still_report_their_width(self):
+        inputs = keras.Input((8, 8, 3))
+        x = keras.layers.Conv2D(12, 3, padding="same", name="stem_conv")(inputs)
+        legacy = keras.Model(inputs, keras.layers.BatchNormalization(name="stem_bn")(x))
+        self.assertEqual(networks.stem_channels(legacy), 12)
