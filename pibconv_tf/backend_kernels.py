@@ -61,6 +61,22 @@ def fused_batch_norm_training(inputs, scale, offset, epsilon):
     return y, mean, biased
 
 
+def after(x, dependency):
+    """`x`, usable by the operations that read it only once `dependency` is computed.
+
+    A scheduling hint for TensorFlow graphs (a control dependency on an identity); elsewhere
+    `x` itself. The numbers do not change.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return x
+    import tensorflow as tf  # noqa: PLC0415
+
+    if tf.executing_eagerly():
+        return x
+    with tf.control_dependencies([dependency]):
+        return tf.identity(x)
+
+
 def _cpu_only():
     import tensorflow as tf  # noqa: PLC0415
 

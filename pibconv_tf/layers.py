@@ -402,7 +402,7 @@ class ConvBatchNorm(keras.layers.Layer):
         patch_mean = ops.mean(patches, axis=0)
         centred = patches - patch_mean
         count = ops.cast(ops.shape(patches)[0], inputs.dtype)
-        covariance = ops.matmul(ops.transpose(centred), centred) / count
+        covariance = ops.einsum("mi,mj->ij", centred, centred) / count  # no transposed copy
         mean = ops.matmul(patch_mean[None, :], kernel)[0]
         variance = ops.sum(kernel * ops.matmul(covariance, kernel), axis=0)
         self.bn._update_moving_statistics(mean, variance, inputs.dtype)

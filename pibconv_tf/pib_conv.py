@@ -113,10 +113,13 @@ class PIBConv(keras.layers.Layer):
         # Column f*g + i of the expansion kernel feeds input i of group g.
         expand = ops.reshape(expand, (1, 1, expand.shape[2], c, f))
         grouped = ops.cast(self.grouped_kernel, x.dtype)
+        # Unstacked, not sliced: the gradient of an unstack is one stack, cheaper than a
+        # strided-slice gradient per piece.
+        expand, grouped = ops.unstack(expand, f, axis=-1), ops.unstack(grouped, f, axis=2)
         total = None
         for i in range(f):
-            y = L.pointwise(x, expand[..., i], training)
-            depthwise = ops.reshape(grouped[:, :, i, :], (k, k, c, 1))
+            y = L.pointwise(x, expand[i], training)
+            depthwise = ops.reshape(grouped[i], (k, k, c, 1))
             if backend_kernels.depthwise_training_available(y, (k, k), (1, 1), (1, 1)):
                 y = backend_kernels.depthwise_conv2d_training(y, depthwise)
             else:
