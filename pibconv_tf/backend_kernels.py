@@ -38,7 +38,7 @@ def fused_batch_norm_training(inputs, scale, offset, epsilon):
     scale = tf.ones((channels,), "float32") if scale is None else tf.cast(scale, "float32")
     offset = tf.zeros((channels,), "float32") if offset is None else tf.cast(offset, "float32")
     x = inputs
-    if channels % 16 and _cpu_only():
+    if channels % 16 and inputs.dtype == "float32" and _cpu_only():
         # oneDNN's kernels are up to 2x faster on [N H W, 1, 1, C] than on [N, H, W, C] when
         # C is not a multiple of 16 (C = 72: forward 4.3 -> 2.0 ms, forward + backward
         # 6.7 -> 4.7 ms at 32x32x32); the statistics are over the same values.
@@ -86,11 +86,13 @@ def _cpu_only():
 def depthwise_training_available(inputs, kernel_size, strides, dilation_rate):
     """Whether `depthwise_conv2d_training` takes this convolution.
 
-    TensorFlow on a machine without GPUs (the kernels it avoids are oneDNN's), NHWC of known
-    size, odd kernels, and either stride 1 with a kernel of at least 5 (at 3x3 oneDNN's own
-    filter gradient is the faster) or stride 2 without dilation.
+    TensorFlow on a machine without GPUs (the kernels it avoids are oneDNN's), float32 NHWC
+    of known size, odd kernels, and either stride 1 with a kernel of at least 5 (at 3x3
+    oneDNN's own filter gradient is the faster) or stride 2 without dilation.
     """
     if keras.backend.backend() != "tensorflow" or len(inputs.shape) != 4:
+        return False
+    if inputs.dtype != "float32":  # the only type measured (oneDNN's kernels differ per type)
         return False
     if None in inputs.shape[1:] or not all(k % 2 for k in kernel_size):
         return False

@@ -206,11 +206,14 @@ class DepthwiseConv2DTest(test_case.TestCase):
             self.assertNotIn("Pad", types)
             self.assertIn("DepthwiseConv2dNativeBackpropFilter", types)
 
-    def test_3x3_stride_1_stays_keras(self):
+    def test_3x3_stride_1_and_other_types_stay_keras(self):
         x = tf.zeros((2, 8, 8, 4))
         self.assertFalse(backend_kernels.depthwise_training_available(x, (3, 3), (1, 1), (1, 1)))
         self.assertFalse(backend_kernels.depthwise_training_available(x, (5, 5), (2, 2), (2, 2)))
         self.assertTrue(backend_kernels.depthwise_training_available(x, (3, 3), (2, 2), (1, 1)))
+        # Only float32 was measured: other types keep TensorFlow's kernels.
+        half = tf.cast(x, "float16")
+        self.assertFalse(backend_kernels.depthwise_training_available(half, (5, 5), (1, 1), (1, 1)))
 
     @parameterized.parameters((5, 1), (3, 2))
     def test_second_derivatives_match_keras(self, kernel_size, strides):
