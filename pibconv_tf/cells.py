@@ -22,9 +22,9 @@ def drop_path(x, rate, seed_generator):
     """
     keep = 1.0 - ops.cast(rate, "float32")
     shape = (ops.shape(x)[0], 1, 1, 1)
-    mask = ops.cast(keras.random.uniform(shape, seed=seed_generator) < keep, "float32")
+    mask = ops.cast(keras.random.uniform(shape, seed=seed_generator) < keep, x.dtype)
     # One pass over x: the per-sample factor (0 or 1/keep) is formed first.
-    return x * ops.cast(mask / keep, x.dtype)
+    return x * (mask / ops.cast(keep, x.dtype))
 
 
 @keras.saving.register_keras_serializable(package="pibconv_tf")

@@ -10,6 +10,7 @@ Parameters are the trainable weights without the auxiliary head (training-only).
 
 import dataclasses
 
+import keras
 import numpy as np
 
 from pibconv_tf import ops as ops_lib
@@ -136,7 +137,7 @@ def model_complexity(model):
             h, w, c_out = _shape(layer.output)
             count.conv(h * w, c_out, layer.kernel_size**2, _shape(layer.input)[-1])
             count.norm(h * w * c_out, True)
-        elif name == "BatchNormalization":
+        elif isinstance(layer, keras.layers.BatchNormalization):  # ours too (older stems)
             count.norm(int(np.prod(_shape(layer.input))), layer.scale or layer.center)
         elif name == "GlobalAveragePooling2D":
             count.add(int(np.prod(_shape(layer.input))))

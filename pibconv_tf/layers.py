@@ -305,6 +305,12 @@ class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
             return outputs if self.activation is None else self.activation(outputs)
         return super().call(symmetric_pad(inputs, self.strides, pad))
 
+    def compute_output_spec(self, inputs, training=None, pad=0):
+        shape = list(inputs.shape)
+        if pad and padding_mode(self.strides) == "valid":
+            shape[1:3] = [None if n is None else n + 2 * pad for n in shape[1:3]]
+        return keras.KerasTensor(self.compute_output_shape(tuple(shape)), self.compute_dtype)
+
     def _fast(self, inputs):
         plain = not self.use_bias and self.depth_multiplier == 1
         plain = plain and self.data_format == "channels_last"

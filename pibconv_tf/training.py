@@ -484,7 +484,7 @@ def _restore(manager, epoch, run_dir):
         return 0
     try:
         manager.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-    except AssertionError as error:
+    except (AssertionError, ValueError) as error:  # objects unmatched, or shapes that differ
         raise UserInputError(
             f"The checkpoint {manager.latest_checkpoint!r} does not match the network built "
             "for this run (a version of pibconv_tf with other layers wrote it); resume it "

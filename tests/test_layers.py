@@ -145,6 +145,13 @@ class FusedBatchNormLayoutTest(test_case.TestCase):
             results.append([y, *grads, layer.moving_mean, layer.moving_variance])
         for fused, exact in zip(*results, strict=True):
             self.assertAllClose(fused, exact, atol=2e-5, rtol=1e-4)
+        # The fused kernel sees the [N H W, 1, 1, C] view exactly when C % 16 != 0.
+        layer = L.BatchNorm(dtype="float32")
+        layer.build(x.shape)
+        graph = tf.function(lambda t: layer(t, training=True))
+        graph = graph.get_concrete_function(tf.constant(x, "float32")).graph
+        (fused,) = [op for op in graph.get_operations() if op.type == "FusedBatchNormV3"]
+        self.assertEqual(fused.inputs[0].shape.as_list()[1:3] == [1, 1], bool(channels % 16))
 
 
 def _depthwise_pair(kernel_size, strides, dilation, channels):
@@ -217,9 +224,13 @@ class DepthwiseConv2DTest(test_case.TestCase):
 
     @parameterized.parameters((5, 1), (3, 2))
     def test_second_derivatives_match_keras(self, kernel_size, strides):
+        # Hessian-vector products of a quadratic loss, along a direction in (x, kernel):
+        # every block of second derivatives (x-x, x-kernel, kernel-kernel) is exercised.
         pad = kernel_size // 2
-        x = tf.constant(np.random.default_rng(7).normal(size=(2, 7, 7, 3)), "float32")
-        weights = tf.constant(np.random.default_rng(8).normal(size=(2, 7, 7, 3)), "float32")
+        rng = np.random.default_rng(7)
+        x = tf.constant(rng.normal(size=(2, 7, 7, 3)), "float32")
+        v_x = tf.constant(rng.normal(size=(2, 7, 7, 3)), "float32")
+        v_k = tf.constant(rng.normal(size=(kernel_size, kernel_size, 3, 1)), "float32")
         ours, theirs = _depthwise_pair(kernel_size, strides, 1, 3)
 
         def hessian_vector(call, kernel):
@@ -229,16 +240,23 @@ class DepthwiseConv2DTest(test_case.TestCase):
                     inner.watch(x)
                     y = call(x)
                     loss = tf.reduce_sum(tf.square(y)) * 0.5
-                g = inner.gradient(loss, kernel)
-                directional = tf.reduce_sum(g * tf.ones_like(g))
-            return outer.gradient(directional, x)
+                g_x, g_k = inner.gradient(loss, [x, kernel])
+                directional = tf.reduce_sum(g_x * v_x) + tf.reduce_sum(g_k * v_k)
+            return outer.gradient(directional, [x, kernel])
 
         ours_hv = hessian_vector(lambda t: ours(t, training=True, pad=pad), ours.kernel)
         theirs_hv = hessian_vector(
             lambda t: theirs(L.symmetric_pad(t, strides, pad)), theirs.kernel
         )
-        del weights
-        self.assertAllClose(ours_hv, theirs_hv, atol=1e-4, rtol=1e-4)
+        for a, b in zip(ours_hv, theirs_hv, strict=True):
+            self.assertAllClose(a, b, atol=1e-3, rtol=1e-4)
+
+    def test_symbolic_shape_counts_the_padding(self):
+        layer = L.depthwise_conv2d(5, 2, "torch", "dw")
+        symbolic = layer(keras.Input((9, 9, 4)), pad=2)
+        eager = layer(np.zeros((1, 9, 9, 4), "float32"), pad=2)
+        self.assertEqual(tuple(symbolic.shape[1:]), tuple(eager.shape[1:]))
+        self.assertEqual(tuple(eager.shape[1:]), (5, 5, 4))
 
 
 class ConvBatchNormTest(test_case.TestCase):

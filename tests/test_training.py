@@ -3,6 +3,7 @@
 Networks are tiny (C=4..8, one cell, 8x8 images); apps run as subprocesses.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -271,6 +272,17 @@ class TrainRunTest(TestCase):
 
         with (
             mock.patch.object(training, "build_trainer", build_other_layers),
+            self.assertRaisesRegex(UserInputError, "does not match the network"),
+        ):
+            training.train(tiny_config(root, epochs=2, resume=True))
+        after = {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()}
+        self.assertEqual(after, before)
+
+        def build_other_shapes(config, *args, **kwargs):  # same objects, other shapes
+            return build(dataclasses.replace(config, init_channels=6), *args, **kwargs)
+
+        with (
+            mock.patch.object(training, "build_trainer", build_other_shapes),
             self.assertRaisesRegex(UserInputError, "does not match the network"),
         ):
             training.train(tiny_config(root, epochs=2, resume=True))
