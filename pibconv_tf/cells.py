@@ -47,6 +47,9 @@ class Cell(keras.layers.Layer):
         activated_inputs: the inputs come already through the ReLU that both preprocessing
             operations start with (a network computes it once per state, for the two cells
             that read it); the cell then does not apply it again.
+        activations: {kind: "relu" | "gelu"} of the convolution kinds (`ops.CONV_KINDS`);
+            None takes those of the genotype's search space. The config records them, so a
+            saved model keeps computing what it computed if a space's definition changes.
 
     Call arguments:
         inputs: [s0, s1], the outputs of cells k-2 and k-1 (C_{k-2}, C_{k-1}), or their
@@ -63,11 +66,15 @@ class Cell(keras.layers.Layer):
         initializer="torch",
         seed=None,
         activated_inputs=False,
+        activations=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         if isinstance(genotype, dict):
             genotype = Genotype.from_dict(genotype)
+        if activations is None:
+            activations = ops_lib.get_search_space(genotype.search_space).activation_map()
+        self.activations = dict(activations)
         self.genotype = genotype
         self.filters = filters
         self.reduction = reduction
@@ -101,6 +108,7 @@ class Cell(keras.layers.Layer):
                 search_space=genotype.search_space,
                 initializer=initializer,
                 name=f"edge_{position}_{op_name}",
+                activations=self.activations,
             )
             self.edge_ops.append(op)
         self.seed_generator = keras.random.SeedGenerator(seed)
@@ -147,7 +155,18 @@ class Cell(keras.layers.Layer):
             "initializer": self.initializer,
             "seed": self.seed,
             "activated_inputs": self.activated_inputs,
+            "activations": dict(self.activations),
         }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if "activations" not in config:
+            # Saved before cells recorded their activations: rebuild what the space meant then.
+            space = Genotype.from_dict(config["genotype"]).search_space
+            legacy = ops_lib.LEGACY_SPACE_MEANING.get(space, space)
+            config["activations"] = ops_lib.get_search_space(legacy).activation_map()
+        return cls(**config)
 
 
 def set_drop_path_rate(model, rate):

@@ -52,12 +52,12 @@ class Genotype:
 
     def validate(self):
         """Raises UserInputError naming the first bad field, operation or index."""
-        if self.search_space not in ops_lib.SEARCH_SPACES:
+        if not ops_lib.is_search_space(self.search_space):
             raise UserInputError(
                 f"Genotype search_space {self.search_space!r} is unknown; expected one of "
-                f"{', '.join(ops_lib.SEARCH_SPACES)}."
+                f"{', '.join(ops_lib.SEARCH_SPACES)} (or pibconv_f<F>)."
             )
-        primitives = ops_lib.SEARCH_SPACES[self.search_space].primitives
+        primitives = ops_lib.get_search_space(self.search_space).primitives
         for cell in ("normal", "reduce"):
             edges = getattr(self, cell)
             if not edges or len(edges) % EDGES_PER_NODE:

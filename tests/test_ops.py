@@ -115,6 +115,33 @@ class OpsTest(test_case.TestCase):
         self.assertLen(ops_lib.get_search_space("darts").primitives, 8)
         self.assertEqual(ops_lib.get_search_space("darts_gelu_ln").norm, "ln")
 
+    def test_each_space_says_its_activations_and_pool_norm(self):
+        # The released PIBConv code: ReLU in dil/7x1-1x7 convs, pools alone on search edges.
+        pibconv = ops_lib.get_search_space("pibconv")
+        self.assertEqual(pibconv.activation_of("dil_conv_5x5"), "relu")
+        self.assertEqual(pibconv.activation_of("conv_7x1_1x7"), "relu")
+        self.assertIsNone(pibconv.activation_of("pib_conv_3x3"))  # GELU inside the block
+        self.assertFalse(pibconv.pool_batch_norm)
+        # The paper's literal reading, and what `pibconv` built before.
+        literal = ops_lib.get_search_space("pibconv_gelu")
+        self.assertEqual(literal.primitives, pibconv.primitives)
+        self.assertEqual(literal.activation_map(), {"dil_conv": "gelu", "conv_7x1_1x7": "gelu"})
+        self.assertTrue(literal.pool_batch_norm)
+        self.assertEqual(ops_lib.LEGACY_SPACE_MEANING, {"pibconv": "pibconv_gelu"})
+        darts = ops_lib.get_search_space("darts")
+        self.assertEqual(darts.activation_map(), {"sep_conv": "relu", "dil_conv": "relu"})
+        self.assertTrue(darts.pool_batch_norm)
+        self.assertEqual(
+            ops_lib.get_search_space("darts_gelu").activation_of("sep_conv_3x3"), "gelu"
+        )
+        for name, expected in (("pibconv", "relu"), ("pibconv_gelu", "gelu")):
+            op = ops_lib.make_op("dil_conv_3x3", 4, 1, True, search_space=name)
+            self.assertEqual(op.activation, expected)
+        override = ops_lib.make_op(
+            "dil_conv_3x3", 4, 1, True, search_space="pibconv", activations={"dil_conv": "gelu"}
+        )
+        self.assertEqual(override.activation, "gelu")
+
     def test_unknown_names_fail_clearly(self):
         with pytest.raises(ValueError, match="Unknown search space 'nope'"):
             ops_lib.get_search_space("nope")

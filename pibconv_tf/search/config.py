@@ -71,8 +71,9 @@ class SearchConfig:
         """Raises UserInputError with one sentence for the first bad setting."""
         if not self.model_dir:
             raise UserInputError("--model_dir is required: where the run writes its outputs.")
-        if self.search_space not in ops_lib.SEARCH_SPACES:
-            _bad("search_space", self.search_space, f"one of {', '.join(ops_lib.SEARCH_SPACES)}")
+        if not ops_lib.is_search_space(self.search_space):
+            spaces = ", ".join(ops_lib.SEARCH_SPACES)
+            _bad("search_space", self.search_space, f"one of {spaces}, or pibconv_f<F>")
         if self.strategy not in STRATEGIES:
             _bad("strategy", self.strategy, f"one of {', '.join(STRATEGIES)}")
         if self.mixed_precision not in PRECISIONS:

@@ -15,9 +15,11 @@ from pibconv_tf import ops as ops_lib
 class MixedOp(keras.layers.Layer):
     """One edge of the search cell: sum_k w_k * op_k(x) over the space's operations.
 
-    Every operation is built as in the search (`affine=False` norms); like DARTS' MixedOp,
-    the pooling operations are followed by a BatchNorm without scale and centre, so that
-    their outputs live on the scale of the convolutions'. The `none` operation contributes
+    Every operation is built as in the search (`affine=False` norms). Where the space says so
+    (`SearchSpace.pool_batch_norm`: the DARTS spaces), the pooling operations are followed by
+    a BatchNorm without scale and centre, as in DARTS' MixedOp, so that their outputs live on
+    the scale of the convolutions'; the PIBConv code's MixedOp (space `pibconv`) applies the
+    pools alone. The `none` operation contributes
     w_none * 0 = 0 and its gradient with respect to every weight is zero, so it is not
     computed at all: the sum and all gradients are exactly DARTS' (w_none still takes its
     share of the softmax, which is where its architecture gradient comes from).
@@ -50,7 +52,8 @@ class MixedOp(keras.layers.Layer):
         self.strides = strides
         self.search_space = search_space
         self.initializer = initializer
-        self.primitives = ops_lib.get_search_space(search_space).primitives
+        space = ops_lib.get_search_space(search_space)
+        self.primitives = space.primitives
         self.candidates = []  # (column of the weights, op, BatchNorm after a pool or None)
         for index, op_name in enumerate(self.primitives):
             if op_name == "none":
@@ -58,7 +61,8 @@ class MixedOp(keras.layers.Layer):
             op = ops_lib.make_op(
                 op_name, filters, strides, False, search_space, initializer, name=op_name
             )
-            norm = L.batch_norm(False, name=f"{op_name}_bn") if "pool" in op_name else None
+            pooled = space.pool_batch_norm and "pool" in op_name
+            norm = L.batch_norm(False, name=f"{op_name}_bn") if pooled else None
             self.candidates.append((index, op, norm))
         # Optional callable (op, inputs, weights, training) -> outputs that computes
         # `mixed_sum` in a backend-specific way (e.g. one trace shared by all edges of the same
