@@ -106,13 +106,13 @@ class FactorizedReduce(nn.Module):
 
 
 class DilConv(nn.Module):
-    """GELU (the pibconv search space), dilated depthwise kxk, 1x1, BatchNorm."""
+    """ReLU (as the released PIBConv code), dilated depthwise kxk, 1x1, BatchNorm."""
 
     def __init__(self, c, kernel_size, stride, dilation=2, affine=True):
         super().__init__()
         padding = dilation * (kernel_size - 1) // 2
         self.op = nn.Sequential(
-            nn.GELU(),
+            nn.ReLU(inplace=False),
             nn.Conv2d(c, c, kernel_size, stride, padding, dilation, groups=c, bias=False),
             nn.Conv2d(c, c, 1, bias=False),
             nn.BatchNorm2d(c, affine=affine),
@@ -123,12 +123,12 @@ class DilConv(nn.Module):
 
 
 class Conv7x1x7(nn.Module):
-    """GELU, 1x7 conv (stride (1, s)), 7x1 conv (stride (s, 1)), BatchNorm."""
+    """ReLU, 1x7 conv (stride (1, s)), 7x1 conv (stride (s, 1)), BatchNorm."""
 
     def __init__(self, c, stride, affine=True):
         super().__init__()
         self.op = nn.Sequential(
-            nn.GELU(),
+            nn.ReLU(inplace=False),
             nn.Conv2d(c, c, (1, 7), stride=(1, stride), padding=(0, 3), bias=False),
             nn.Conv2d(c, c, (7, 1), stride=(stride, 1), padding=(3, 0), bias=False),
             nn.BatchNorm2d(c, affine=affine),

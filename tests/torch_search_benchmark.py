@@ -63,7 +63,7 @@ PIBCONV_PRIMITIVES = (
 
 
 # --------------------------------------------------------------------------------------
-# Operations (search setting: affine=False norms, GELU in the convolutional operations).
+# Operations (search setting: affine=False norms; the released PIBConv code's ops).
 # --------------------------------------------------------------------------------------
 
 
@@ -100,9 +100,8 @@ class MixedOp(nn.Module):
         for index, name in enumerate(PIBCONV_PRIMITIVES):
             if skip_none and name == "none":
                 continue
+            # The released PIBConv MixedOp applies the pools alone (DARTS' adds a BatchNorm).
             op = make_op(name, c, stride, False)
-            if "pool" in name:
-                op = nn.Sequential(op, nn.BatchNorm2d(c, affine=False))
             self.indices.append(index)
             self.ops.append(op)
 
