@@ -439,6 +439,47 @@ def plot_accuracy_vs(rows, x="layers"):
     return figure
 
 
+def plot_roadmap(rows):
+    """The roadmap (Fig. 1): test top-1 per stage, with parameters and GMACs.
+
+    Args:
+        rows: `roadmap.stage_rows` dicts, in roadmap order (test_accuracy in %, its
+            spread over seeds, params_m, gmacs).
+    """
+    stages = [row["stage"] for row in rows]
+    positions = np.arange(len(rows))
+    figure, (top, bottom) = plt.subplots(
+        2, 1, figsize=(max(6.4, 1.4 * len(rows)), 6.0), sharex=True, height_ratios=(3, 2)
+    )
+    accuracy = [row["test_accuracy"] for row in rows]
+    spread = [row.get("test_accuracy_std", 0.0) for row in rows]
+    top.errorbar(positions, accuracy, yerr=spread, marker="o", capsize=4, color="tab:blue")
+    for x, row in zip(positions, rows, strict=True):
+        top.annotate(
+            f"{row['test_accuracy']:.2f}%",
+            (x, row["test_accuracy"]),
+            textcoords="offset points",
+            xytext=(0, 8),
+            ha="center",
+        )
+    top.margins(x=0.08, y=0.25)  # room for the labels above the points
+    top.set(ylabel="test top-1 (%)", title="Roadmap of the search space (the paper's Fig. 1)")
+    top.grid(alpha=0.3)
+    width = 0.38
+    bottom.bar(positions - width / 2, [r["params_m"] for r in rows], width, label="params (M)")
+    twin = bottom.twinx()
+    twin.bar(
+        positions + width / 2, [r["gmacs"] for r in rows], width, color="tab:orange", label="GMACs"
+    )
+    bottom.set(ylabel="params (M)")
+    twin.set(ylabel="GMACs")
+    handles = bottom.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    bottom.legend(handles, ["params (M)", "GMACs"], loc="upper left")
+    bottom.set_xticks(positions, stages, rotation=20)
+    figure.tight_layout()
+    return figure
+
+
 @dataclasses.dataclass
 class PlotConfig:
     """What `make_figures` draws; written as `config.json` into `output_dir`.

@@ -137,17 +137,30 @@ def _log(config, message):
 
 def _run_row(config, layers):
     path = row_dir(config.model_dir, layers)
+    row = dataclasses.replace(config, layers=layers)
+    return train_or_resume(row, path, lambda message: _log(config, f"layers={layers}: {message}"))
+
+
+def train_or_resume(config, path, log=print):
+    """Trains `config` in `path`; a finished run there is reused, an interrupted one resumed.
+
+    Args:
+        config: a `TrainConfig` (its model_dir, resume and overwrite are set here).
+        path: the run directory.
+        log: callable(message) for one line about what happens.
+
+    Returns:
+        The run's `result.json` summary.
+    """
     result = _finished(path, config.epochs)
     if result is not None:
-        _log(config, f"layers={layers}: finished earlier, not retrained ({path}).")
+        log(f"finished earlier, not retrained ({path}).")
         return result
     resume = latest_checkpoint(path) is not None
     overwrite = not resume and os.path.isdir(path) and bool(os.listdir(path))
-    _log(config, f"layers={layers}: {'resuming' if resume else 'training'} in {path}.")
-    row = dataclasses.replace(
-        config, layers=layers, model_dir=path, resume=resume, overwrite=overwrite
-    )
-    return training.train(row)
+    log(f"{'resuming' if resume else 'training'} in {path}.")
+    run = dataclasses.replace(config, model_dir=path, resume=resume, overwrite=overwrite)
+    return training.train(run)
 
 
 def _finished(path, epochs):
