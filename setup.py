@@ -22,7 +22,7 @@ setuptools.setup(
     long_description=(_HERE / "README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11,<3.12",
-    packages=setuptools.find_packages(include=["pibconv_tf", "pibconv_tf.*", "apps"]),
+    packages=setuptools.find_packages(include=["pibconv_tf", "pibconv_tf.*", "apps", "edge"]),
     install_requires=_requirements(),
     license="MIT",
 )

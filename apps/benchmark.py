@@ -25,7 +25,7 @@ import sys
 
 from absl import flags
 
-from pibconv_tf import benchmark
+from benchmarks import harness as benchmark
 from pibconv_tf.errors import RunError, UserInputError
 
 _WHAT = flags.DEFINE_list(

@@ -15,7 +15,9 @@ import json
 
 from absl import flags
 
-from pibconv_tf import complexity, genotypes, networks
+from pibconv_tf.model import complexity
+from pibconv_tf.model import genotypes
+from pibconv_tf.model import networks
 from pibconv_tf.errors import UserInputError
 
 _GENOTYPE = flags.DEFINE_list(

@@ -20,7 +20,7 @@ import dataclasses
 
 from absl import flags
 
-from pibconv_tf import pipeline
+from pibconv_tf import demo as pipeline
 
 _DEFAULTS = pipeline.PipelineConfig()
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", _DEFAULTS.output_dir, "Where every stage writes.")

@@ -19,7 +19,8 @@ from apps import common  # noqa: I001 (first: quiets TensorFlow before it loads)
 
 from absl import flags, logging
 
-from pibconv_tf import export, export_tflite
+from pibconv_tf.deploy import export
+from pibconv_tf.deploy import tflite as export_tflite
 from pibconv_tf.errors import UserInputError
 
 FLAGS = flags.FLAGS

@@ -18,7 +18,7 @@ from apps import common  # noqa: I001 (first: quiets TensorFlow before it loads)
 
 from absl import flags
 
-from pibconv_tf import visualize
+from pibconv_tf.insight import gradcam as visualize
 from pibconv_tf.errors import UserInputError
 
 _MODEL = flags.DEFINE_list("model", None, "Trained .keras files or run dirs with model.keras.")

@@ -20,7 +20,7 @@ import os
 
 from absl import flags
 
-from pibconv_tf import plots
+from pibconv_tf.insight import plots
 from pibconv_tf.errors import UserInputError
 
 _SEARCH_DIR = flags.DEFINE_string(

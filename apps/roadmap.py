@@ -30,9 +30,10 @@ import os
 
 from absl import flags, logging
 
-from pibconv_tf import roadmap, training
+from pibconv_tf.experiments import roadmap
+from pibconv_tf.train import run as training
 from pibconv_tf.errors import UserInputError
-from pibconv_tf.rundir import CONFIG
+from pibconv_tf.runs import CONFIG
 from pibconv_tf.search.config import SearchConfig
 
 FLAGS = flags.FLAGS

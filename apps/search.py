@@ -22,13 +22,13 @@ from apps import common  # noqa: I001 (first: sets the TensorFlow log level)
 
 from absl import flags
 
-from pibconv_tf import ops as ops_lib
+from pibconv_tf.model import search_spaces
 from pibconv_tf.search import run
 
 _SEARCH_SPACE = flags.DEFINE_string(
     "search_space",
     "pibconv",
-    f"Operation set to search over: {', '.join(ops_lib.SEARCH_SPACES)}.",
+    f"Operation set to search over: {', '.join(search_spaces.SEARCH_SPACES)}.",
 )
 _INIT_CHANNELS = flags.DEFINE_integer("init_channels", 16, "C, channels of the first cells.")
 _LAYERS = flags.DEFINE_integer("layers", 8, "Cells of the search network (>= 3).")

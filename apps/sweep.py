@@ -16,7 +16,8 @@ from apps import train as train_app  # defines the training flags, shared with a
 
 from absl import flags, logging
 
-from pibconv_tf import sweep, training
+from pibconv_tf.experiments import sweep
+from pibconv_tf.train import run as training
 
 FLAGS = flags.FLAGS
 

@@ -18,7 +18,7 @@ import sys
 
 from absl import flags, logging
 
-from pibconv_tf import training
+from pibconv_tf.train import run as training
 from pibconv_tf.errors import UserInputError
 
 FLAGS = flags.FLAGS

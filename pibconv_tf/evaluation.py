@@ -21,8 +21,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pibconv_tf import complexity, data, networks
+from pibconv_tf import data
 from pibconv_tf.errors import UserInputError
+from pibconv_tf.model import complexity, networks
 
 DATASET_JSON = "dataset.json"
 CONFIG_JSON = "config.json"
@@ -56,7 +57,7 @@ class EvaluateConfig:
 
 def load_model(path):
     """Loads a `.keras` model, turning a missing or unreadable file into UserInputError."""
-    import pibconv_tf.networks  # noqa: F401 (registers the layers for deserialisation)
+    import pibconv_tf.model.networks  # noqa: F401 (registers the layers for deserialisation)
 
     if not path:
         raise UserInputError("--model is required: the path of a .keras model.")

@@ -24,9 +24,9 @@ import tensorflow as tf
 import torch
 
 from pibconv_tf import optim
+from pibconv_tf.model.search_network import SearchNetwork, build_network
+from pibconv_tf.optim import TorchAdam
 from pibconv_tf.search import architect as architect_lib
-from pibconv_tf.search.adam import TorchAdam
-from pibconv_tf.search.network import SearchNetwork, build_network
 from pibconv_tf.search.trainer import SearchTrainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -217,10 +217,11 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 import keras
 import numpy as np
 
-from pibconv_tf import distribute, optim
+from pibconv_tf import distribute
+from pibconv_tf import optim
 
 distribute.configure_graph_optimizer("auto")  # as the apps: no Grappler on a CPU
-from pibconv_tf.search.network import SearchNetwork, build_network
+from pibconv_tf.model.search_network import SearchNetwork, build_network
 from pibconv_tf.search.trainer import SearchTrainer
 
 rng = np.random.default_rng(0)

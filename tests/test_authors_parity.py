@@ -15,11 +15,9 @@ import pytest
 import tensorflow as tf
 import torch
 
-from pibconv_tf import genotypes as G
-from pibconv_tf import networks
-from pibconv_tf import ops as ops_lib
-from pibconv_tf.search.mixed_op import MixedOp
-from pibconv_tf.search.network import SearchNetwork, build_network
+from pibconv_tf.model import genotypes as G
+from pibconv_tf.model import networks, operations, search_spaces
+from pibconv_tf.model.search_network import MixedOp, SearchNetwork, build_network
 from tests import authors_code
 
 _IMAGE = 32  # the auxiliary head of the released code assumes an 8x8 map: 32x32 images
@@ -222,7 +220,7 @@ def test_search_network_gradients_match_the_authors_in_float64(space):
 
 
 _PIBCONV_OPS = [
-    (op, strides) for op in ops_lib.SEARCH_SPACES["pibconv"].primitives for strides in (1, 2)
+    (op, strides) for op in search_spaces.SEARCH_SPACES["pibconv"].primitives for strides in (1, 2)
 ]
 
 
@@ -230,7 +228,7 @@ _PIBCONV_OPS = [
 def test_pibconv_space_operations_are_the_released_operations(op_name, strides):
     """Each op as `OPS[name](C, stride, affine)` of the released code builds it (ReLU in
     DilConv and conv_7x1_1x7, GELU only inside PseudoInvBn), an odd size included."""
-    op = ops_lib.make_op(op_name, 6, strides, affine=True, search_space="pibconv")
+    op = operations.make_op(op_name, 6, strides, affine=True, search_space="pibconv")
     x = np.random.default_rng(7).normal(size=(2, 9, 9, 6)).astype("float32")
     op(x)
     _randomize_statistics(op, np.random.default_rng(8))

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pibconv_tf import benchmark, timing
+from benchmarks import harness as benchmark
+from pibconv_tf.deploy import latency as timing
 from pibconv_tf.errors import UserInputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -308,7 +309,7 @@ def test_configure_threads_sets_the_pools_before_the_runtime_starts(mode):
 
 def test_the_harness_knows_every_export_format_and_implementation():
     # benchmark.py keeps its own copies (its parent process imports no TensorFlow).
-    from pibconv_tf import export_tflite
+    from pibconv_tf.deploy import tflite as export_tflite
 
     assert benchmark.TFLITE_FORMATS == export_tflite.TFLITE_FORMATS
     assert tuple(benchmark.TFLITE_IMPLEMENTATIONS) == tuple(export_tflite.PIB_IMPLEMENTATIONS)

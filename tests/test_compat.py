@@ -12,8 +12,8 @@ import keras
 import numpy as np
 import pytest
 
-from pibconv_tf import cells, networks
-from pibconv_tf import genotypes as G
+from pibconv_tf.model import cells, networks
+from pibconv_tf.model import genotypes as G
 
 DATA = pathlib.Path(__file__).parent / "data" / "release_0_1"
 

@@ -6,9 +6,8 @@ import sys
 
 import pytest
 
-from pibconv_tf import complexity, networks
-from pibconv_tf import genotypes as G
-from pibconv_tf import ops as ops_lib
+from pibconv_tf.model import complexity, networks, operations
+from pibconv_tf.model import genotypes as G
 
 TABLE_1_GMACS = {
     "DARTS_V2": {
@@ -83,7 +82,7 @@ def test_table_1_params_exact_and_gmacs_within_4_percent(name, layers):
 
 def test_pib_conv_macs_by_hand():
     count = complexity._Count()
-    op = ops_lib.make_op("pib_conv_3x3", 8, 1, affine=True)
+    op = operations.make_op("pib_conv_3x3", 8, 1, affine=True)
     shape = complexity.op_count(count, op, (4, 4, 8))
     hw = 16
     conv = hw * 8 * 9 + hw * 16 * 8 + hw * 8 * 9 * 2 + hw * 8 * 8

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pibconv_tf import data, networks  # noqa: F401 (registers the layers for loading)
-from pibconv_tf.genotypes import Genotype
+from pibconv_tf import data
+from pibconv_tf.model import networks  # noqa: F401 (registers the layers for loading)
+from pibconv_tf.model.genotypes import Genotype
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

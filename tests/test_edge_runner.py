@@ -20,7 +20,7 @@ from PIL import Image
 
 pytestmark = pytest.mark.filterwarnings("ignore:Statistics for quantized inputs:UserWarning")
 
-RUNNER = Path(__file__).resolve().parents[1] / "export" / "run_tflite.py"
+RUNNER = Path(__file__).resolve().parents[1] / "edge" / "run_tflite.py"
 SIZE = 8
 LABELS = ["red", "green", "blue"]
 

@@ -8,8 +8,9 @@ import zipfile
 import keras
 import numpy as np
 
-from pibconv_tf import data, evaluation, genotypes, networks
+from pibconv_tf import data, evaluation
 from pibconv_tf.errors import UserInputError
+from pibconv_tf.model import genotypes, networks
 from tests.test_case import TestCase
 from tests.test_training import run_app, temp_dir
 

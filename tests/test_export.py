@@ -17,14 +17,16 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from pibconv_tf import data, export, genotypes, networks, ops, pib_conv
-from pibconv_tf import export_tflite as tflite
+from pibconv_tf import data
+from pibconv_tf.deploy import export, tflite
 from pibconv_tf.errors import RunError, UserInputError
+from pibconv_tf.model import genotypes, networks, pib_conv
+from pibconv_tf.model import operations as ops
 
 pytestmark = pytest.mark.filterwarnings("ignore:Statistics for quantized inputs:UserWarning")
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNNER = ROOT / "export" / "run_tflite.py"
+RUNNER = ROOT / "edge" / "run_tflite.py"
 SIZE = 16
 TOLERANCE = 1e-4
 
@@ -417,7 +419,7 @@ def test_app_writes_artifacts_metadata_and_parity(tmp_path, model_files, digits)
 def check_edge_runner(output_dir, model_path, digits):
     """The device runner (no TensorFlow) classifies PNG files as Keras does."""
     if not RUNNER.exists():
-        pytest.skip("export/run_tflite.py is not in the tree")
+        pytest.skip("edge/run_tflite.py is not in the tree")
     pixels, _ = digits.numpy("test", limit=3)
     files = []
     for index, image in enumerate(pixels):

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from pibconv_tf import genotypes as G
-from pibconv_tf import ops as ops_lib
 from pibconv_tf.errors import UserInputError
+from pibconv_tf.model import genotypes as G
+from pibconv_tf.model import search_spaces
 
 
 def test_named_genotypes_are_the_papers():
@@ -61,7 +61,7 @@ def test_load_genotype_unknown(tmp_path):
 
 
 def test_derive_cell_on_hand_set_weights():
-    primitives = ops_lib.get_search_space("pibconv").primitives
+    primitives = search_spaces.get_search_space("pibconv").primitives
     weights = np.full((14, len(primitives)), 0.01)
     weights[:, 0] = 0.9  # `none` dominates everywhere: it must still never be chosen
     picks = {  # edge index -> (op, strength)

@@ -14,9 +14,9 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
-from pibconv_tf import backend_kernels
-from pibconv_tf import layers as L
-from pibconv_tf.pib_conv import PIBConv
+from pibconv_tf.kernels import tensorflow_cpu as backend_kernels
+from pibconv_tf.model import numerics as L
+from pibconv_tf.model.pib_conv import PIBConv
 from tests import test_case
 
 

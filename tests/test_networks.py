@@ -5,8 +5,8 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
-from pibconv_tf import cells, networks
-from pibconv_tf import genotypes as G
+from pibconv_tf.model import cells, networks
+from pibconv_tf.model import genotypes as G
 from tests import test_case
 
 

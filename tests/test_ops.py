@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from pibconv_tf import layers as L
-from pibconv_tf import ops as ops_lib
+from pibconv_tf.model import numerics as L
+from pibconv_tf.model import operations, search_spaces
 from tests import test_case, torch_reference
 
 _SPACE_OPS = [
     (f"{space}_{op}_s{strides}", space, op, strides)
-    for space, definition in ops_lib.SEARCH_SPACES.items()
+    for space, definition in search_spaces.SEARCH_SPACES.items()
     for op in definition.primitives
     for strides in (1, 2)
 ]
@@ -30,7 +30,7 @@ class OpsTest(test_case.TestCase):
     @parameterized.named_parameters(_SPACE_OPS)
     def test_op_matches_pytorch(self, space, op_name, strides):
         filters, size = 6, 9  # an odd size exercises the padding of stride-2 grids
-        op = ops_lib.make_op(op_name, filters, strides, affine=True, search_space=space)
+        op = operations.make_op(op_name, filters, strides, affine=True, search_space=space)
         x = np.random.default_rng(1).normal(size=(2, size, size, filters)).astype("float32")
         op(x)
         _randomize_norms(op, np.random.default_rng(2))
@@ -49,28 +49,28 @@ class OpsTest(test_case.TestCase):
 
     @parameterized.named_parameters(_SPACE_OPS)
     def test_op_layer_contract(self, space, op_name, strides):
-        op = ops_lib.make_op(op_name, 4, strides, affine=False, search_space=space)
+        op = operations.make_op(op_name, 4, strides, affine=False, search_space=space)
         size = 8 // strides
         self.run_layer_test(type(op), op.get_config(), (2, 8, 8, 4), (2, size, size, 4))
 
     def test_affine_false_has_no_norm_parameters(self):
-        op = ops_lib.make_op("sep_conv_3x3", 4, 1, affine=False, search_space="darts")
+        op = operations.make_op("sep_conv_3x3", 4, 1, affine=False, search_space="darts")
         op(np.zeros((1, 8, 8, 4), "float32"))
         # 2 depthwise + 2 pointwise kernels, no gamma/beta.
         self.assertLen(op.trainable_weights, 4)
 
     def test_max_pool_never_picks_padding(self):
-        pool = ops_lib.Pool3x3("max", strides=2)
+        pool = operations.Pool3x3("max", strides=2)
         x = -np.ones((1, 4, 4, 1), "float32")  # all negative: a zero pad would win
         self.assertAllClose(pool(x), -np.ones((1, 2, 2, 1)))
 
     def test_avg_pool_excludes_padding_from_count(self):
-        pool = ops_lib.Pool3x3("avg", strides=2)
+        pool = operations.Pool3x3("avg", strides=2)
         self.assertAllClose(pool(np.ones((1, 5, 5, 1), "float32")), np.ones((1, 3, 3, 1)))
 
     def test_stride_two_grid_is_symmetric(self):
         # A centred impulse stays centred under a stride-2 3x3 box filter on a 5x5 grid.
-        op = ops_lib.make_op("avg_pool_3x3", 1, 2, affine=True, search_space="darts")
+        op = operations.make_op("avg_pool_3x3", 1, 2, affine=True, search_space="darts")
         x = np.zeros((1, 5, 5, 1), "float32")
         x[0, 2, 2, 0] = 9.0
         y = np.asarray(op(x))[0, :, :, 0]
@@ -96,7 +96,7 @@ class OpsTest(test_case.TestCase):
         self.assertGreater(float(np.abs(depthwise).max()), 0.8 / np.sqrt(25))
 
     def test_search_space_definitions(self):
-        pib = ops_lib.get_search_space("pibconv").primitives
+        pib = search_spaces.get_search_space("pibconv").primitives
         self.assertEqual(
             pib,
             (
@@ -112,48 +112,48 @@ class OpsTest(test_case.TestCase):
                 "avg_pool_3x3",
             ),
         )
-        self.assertLen(ops_lib.get_search_space("darts").primitives, 8)
-        self.assertEqual(ops_lib.get_search_space("darts_gelu_ln").norm, "ln")
+        self.assertLen(search_spaces.get_search_space("darts").primitives, 8)
+        self.assertEqual(search_spaces.get_search_space("darts_gelu_ln").norm, "ln")
 
     def test_each_space_says_its_activations_and_pool_norm(self):
         # The released PIBConv code: ReLU in dil/7x1-1x7 convs, pools alone on search edges.
-        pibconv = ops_lib.get_search_space("pibconv")
+        pibconv = search_spaces.get_search_space("pibconv")
         self.assertEqual(pibconv.activation_of("dil_conv_5x5"), "relu")
         self.assertEqual(pibconv.activation_of("conv_7x1_1x7"), "relu")
         self.assertIsNone(pibconv.activation_of("pib_conv_3x3"))  # GELU inside the block
         self.assertFalse(pibconv.pool_batch_norm)
         # The paper's literal reading, and what `pibconv` built before.
-        literal = ops_lib.get_search_space("pibconv_gelu")
+        literal = search_spaces.get_search_space("pibconv_gelu")
         self.assertEqual(literal.primitives, pibconv.primitives)
         self.assertEqual(literal.activation_map(), {"dil_conv": "gelu", "conv_7x1_1x7": "gelu"})
         self.assertTrue(literal.pool_batch_norm)
-        self.assertEqual(ops_lib.LEGACY_SPACE_MEANING, {"pibconv": "pibconv_gelu"})
-        darts = ops_lib.get_search_space("darts")
+        self.assertEqual(search_spaces.LEGACY_SPACE_MEANING, {"pibconv": "pibconv_gelu"})
+        darts = search_spaces.get_search_space("darts")
         self.assertEqual(darts.activation_map(), {"sep_conv": "relu", "dil_conv": "relu"})
         self.assertTrue(darts.pool_batch_norm)
         self.assertEqual(
-            ops_lib.get_search_space("darts_gelu").activation_of("sep_conv_3x3"), "gelu"
+            search_spaces.get_search_space("darts_gelu").activation_of("sep_conv_3x3"), "gelu"
         )
         for name, expected in (("pibconv", "relu"), ("pibconv_gelu", "gelu")):
-            op = ops_lib.make_op("dil_conv_3x3", 4, 1, True, search_space=name)
+            op = operations.make_op("dil_conv_3x3", 4, 1, True, search_space=name)
             self.assertEqual(op.activation, expected)
-        override = ops_lib.make_op(
+        override = operations.make_op(
             "dil_conv_3x3", 4, 1, True, search_space="pibconv", activations={"dil_conv": "gelu"}
         )
         self.assertEqual(override.activation, "gelu")
 
     def test_unknown_names_fail_clearly(self):
         with pytest.raises(ValueError, match="Unknown search space 'nope'"):
-            ops_lib.get_search_space("nope")
+            search_spaces.get_search_space("nope")
         with pytest.raises(ValueError, match="'pib_conv_3x3' is not in search space 'darts'"):
-            ops_lib.make_op("pib_conv_3x3", 4, 1, True, search_space="darts")
+            operations.make_op("pib_conv_3x3", 4, 1, True, search_space="darts")
 
 
 @pytest.mark.parametrize("size", [8, 7])
 def test_factorized_reduce_same_numbers_with_unknown_spatial_size(size):
     import tensorflow as tf  # the layer is backend-agnostic; this test traces it
 
-    layer = ops_lib.FactorizedReduce(6)
+    layer = operations.FactorizedReduce(6)
     layer.build((2, size, size, 5))
     _randomize_norms(layer, np.random.default_rng(0))
     x = tf.constant(np.random.default_rng(1).normal(size=(2, size, size, 5)), tf.float32)

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 from absl.testing import parameterized
 
-from pibconv_tf.pib_conv import ConvNeXtBlock, PIBConv, set_implementation
+from pibconv_tf.model.pib_conv import ConvNeXtBlock, PIBConv, set_implementation
 from tests import test_case
 
 

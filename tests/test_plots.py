@@ -13,13 +13,13 @@ from matplotlib import patches
 from matplotlib import pyplot as plt
 from PIL import Image
 
-from pibconv_tf import genotypes as G
-from pibconv_tf import ops as ops_lib
-from pibconv_tf import plots
 from pibconv_tf.errors import UserInputError
+from pibconv_tf.insight import plots
+from pibconv_tf.model import genotypes as G
+from pibconv_tf.model import search_spaces
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PRIMITIVES = list(ops_lib.get_search_space("pibconv").primitives)
+PRIMITIVES = list(search_spaces.get_search_space("pibconv").primitives)
 STEPS, EPOCHS = 3, 4  # a small search: 3 nodes (9 edges), 4 epochs
 
 TWO_NODES = G.Genotype(  # a pair drawn twice (skip and pool from input 1 into node 1)

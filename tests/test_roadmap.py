@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from pibconv_tf import roadmap, training
 from pibconv_tf.errors import UserInputError
-from pibconv_tf.genotypes import Genotype
+from pibconv_tf.experiments import roadmap
+from pibconv_tf.model.genotypes import Genotype
 from pibconv_tf.search.config import SearchConfig
+from pibconv_tf.train import run as training
 from tests.test_case import TestCase
 from tests.test_training import REPO, run_app, temp_dir
 

@@ -1,17 +1,12 @@
-"""Tests for pibconv_tf/search/mixed_op.py and network.py: the one-shot search model."""
-
-import ast
-import pathlib
+"""Tests for pibconv_tf/model/search_network.py: mixed operations and the one-shot search model."""
 
 import keras
 import numpy as np
 import pytest
 
-from pibconv_tf import ops as ops_lib
-from pibconv_tf.search import network as network_lib
-from pibconv_tf.search.mixed_op import MixedOp
-
-SEARCH_DIR = pathlib.Path(__file__).resolve().parents[1] / "pibconv_tf" / "search"
+from pibconv_tf.model import operations, search_spaces
+from pibconv_tf.model import search_network as network_lib
+from pibconv_tf.model.search_network import MixedOp
 
 
 def tiny_network(search_space="darts", steps=2, **kwargs):
@@ -33,22 +28,10 @@ def darts_net():
     return tiny_network()
 
 
-@pytest.mark.parametrize("module", ["network.py", "mixed_op.py"])
-def test_model_code_does_not_import_tensorflow(module):
-    tree = ast.parse((SEARCH_DIR / module).read_text())
-    imported = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            imported.add(node.module.split(".")[0])
-    assert "tensorflow" not in imported
-
-
 def test_alphas_are_explicit_and_partition_the_trainable_weights(darts_net):
     arch = darts_net.arch_parameters()
     assert arch[0] is darts_net.alphas_normal and arch[1] is darts_net.alphas_reduce
-    num_ops = len(ops_lib.get_search_space("darts").primitives)
+    num_ops = len(search_spaces.get_search_space("darts").primitives)
     assert tuple(darts_net.alphas_normal.shape) == (network_lib.num_edges(2), num_ops) == (5, 8)
     for alpha in arch:
         values = keras.ops.convert_to_numpy(alpha)
@@ -64,12 +47,12 @@ def test_forward_shape_and_cells(darts_net):
     assert tuple(logits.shape) == (2, 3)
     assert [c.reduction for c in darts_net.cells] == [False, True, True]
     assert [c.reduction_prev for c in darts_net.cells] == [False, False, True]
-    assert isinstance(darts_net.cells[2].preprocess0, ops_lib.FactorizedReduce)
+    assert isinstance(darts_net.cells[2].preprocess0, operations.FactorizedReduce)
     assert not darts_net.cells[2].preprocess0.affine
 
 
 def test_genotype_of_hand_set_alphas(darts_net):
-    primitives = list(ops_lib.get_search_space("darts").primitives)
+    primitives = list(search_spaces.get_search_space("darts").primitives)
     col = primitives.index
     normal = np.zeros((5, 8), np.float32)
     normal[:, col("none")] = 10.0  # the strongest everywhere, and never chosen
@@ -116,7 +99,7 @@ def test_genotype_never_contains_none_and_names_its_space():
 def test_mixed_op_is_the_weighted_sum_of_its_operations():
     op = MixedOp(filters=4, strides=1, search_space="darts")
     x = keras.random.normal((2, 6, 6, 4), seed=0)
-    primitives = ops_lib.get_search_space("darts").primitives
+    primitives = search_spaces.get_search_space("darts").primitives
     one_hot = np.eye(len(primitives), dtype=np.float32)
     skip = op(x, one_hot[primitives.index("skip_connect")], training=True)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(skip), keras.ops.convert_to_numpy(x))

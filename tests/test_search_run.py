@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 
 from pibconv_tf.errors import RunError
-from pibconv_tf.genotypes import Genotype
+from pibconv_tf.model.genotypes import Genotype
 from pibconv_tf.search.config import SearchConfig
 from pibconv_tf.search.run import run_search
 

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from pibconv_tf import complexity, genotypes, networks, sweep, training
 from pibconv_tf.errors import UserInputError
+from pibconv_tf.experiments import sweep
+from pibconv_tf.model import complexity, genotypes, networks
+from pibconv_tf.train import run as training
 from tests.test_case import TestCase
 from tests.test_training import StopAfter, run_app, temp_dir, tiny_config
 

@@ -18,8 +18,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pibconv_tf import cells, data, genotypes, networks, optim, train_benchmark, training
+from benchmarks import train_step as train_benchmark
+from pibconv_tf import data, optim
 from pibconv_tf.errors import RunError, UserInputError
+from pibconv_tf.model import cells, genotypes, networks
+from pibconv_tf.train import run as training
 from tests.test_case import TestCase
 
 REPO = Path(__file__).resolve().parents[1]
@@ -295,7 +298,10 @@ import numpy as np, tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras
-from pibconv_tf import data, distribute, genotypes, training
+from pibconv_tf import data
+from pibconv_tf import distribute
+from pibconv_tf.model import genotypes
+from pibconv_tf.train import run as training
 distribute.configure_graph_optimizer("auto")  # as the apps: no Grappler on a CPU
 config = training.TrainConfig(init_channels=4, layers=1, grad_clip=0.01, weight_decay=3e-4)
 source = data.load_source("digits", image_size=8)

@@ -12,9 +12,11 @@ from PIL import Image
 from tf_keras_vis.gradcam import Gradcam
 from tf_keras_vis.utils.scores import CategoricalScore
 
-from pibconv_tf import data, networks, visualize
-from pibconv_tf import genotypes as G
+from pibconv_tf import data
 from pibconv_tf.errors import UserInputError
+from pibconv_tf.insight import gradcam as visualize
+from pibconv_tf.model import genotypes as G
+from pibconv_tf.model import networks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE, SQUARE = 32, 8

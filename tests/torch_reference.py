@@ -9,8 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pibconv_tf import ops as ops_lib
-from pibconv_tf.pib_conv import ConvNeXtBlock, PIBConv
+from pibconv_tf.model import operations
+from pibconv_tf.model.pib_conv import ConvNeXtBlock, PIBConv
 
 
 def to_torch(x_nhwc):
@@ -54,33 +54,33 @@ def act(x, name):
 
 def reference(op, x, training=False):
     """The PyTorch computation of our Keras operation `op` on NCHW float64 tensor `x`."""
-    if isinstance(op, ops_lib.Zero):
+    if isinstance(op, operations.Zero):
         return x[:, :, :: op.strides, :: op.strides].mul(0.0)
-    if isinstance(op, ops_lib.Identity):
+    if isinstance(op, operations.Identity):
         return x
-    if isinstance(op, ops_lib.Pool3x3):
+    if isinstance(op, operations.Pool3x3):
         if op.pool_type == "max":
             return F.max_pool2d(x, 3, op.strides, 1)
         return F.avg_pool2d(x, 3, op.strides, 1, count_include_pad=False)
-    if isinstance(op, ops_lib.FactorizedReduce):
+    if isinstance(op, operations.FactorizedReduce):
         x = F.relu(x)
         shifted = F.pad(x[:, :, 1:, 1:], (0, 1, 0, 1))
         y = torch.cat([conv(x, op.conv_1, 2), conv(shifted, op.conv_2, 2)], dim=1)
         return norm(y, op.bn, training)
-    if isinstance(op, ops_lib.ReLUConvBN):
+    if isinstance(op, operations.ReLUConvBN):
         y = conv(act(x, op.activation), op.conv, op.strides, op.kernel_size // 2)
         return norm(y, op.bn, training)
-    if isinstance(op, ops_lib.SepConv):
+    if isinstance(op, operations.SepConv):
         k, s = op.kernel_size, op.strides
         y = depthwise(act(x, op.activation), op.dw_1, s, k // 2)
         y = norm(conv(y, op.pw_1), op.norm_1, training)
         y = depthwise(act(y, op.activation), op.dw_2, 1, k // 2)
         return norm(conv(y, op.pw_2), op.norm_2, training)
-    if isinstance(op, ops_lib.DilConv):
+    if isinstance(op, operations.DilConv):
         k, s, d = op.kernel_size, op.strides, op.dilation_rate
         y = depthwise(act(x, op.activation), op.dw, s, d * (k - 1) // 2, d)
         return norm(conv(y, op.pw), op.bn, training)
-    if isinstance(op, ops_lib.Conv7x1_1x7):
+    if isinstance(op, operations.Conv7x1_1x7):
         s = op.strides
         y = conv(act(x, op.activation), op.conv_1xk, (1, s), (0, 3))
         y = conv(y, op.conv_kx1, (s, 1), (3, 0))

@@ -10,8 +10,8 @@ half the architecture.
 import dataclasses
 import numbers
 
-from pibconv_tf import ops as ops_lib
 from pibconv_tf.errors import UserInputError
+from pibconv_tf.model import search_spaces
 
 PRECISIONS = (None, "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker_mirrored")
@@ -71,8 +71,8 @@ class SearchConfig:
         """Raises UserInputError with one sentence for the first bad setting."""
         if not self.model_dir:
             raise UserInputError("--model_dir is required: where the run writes its outputs.")
-        if not ops_lib.is_search_space(self.search_space):
-            spaces = ", ".join(ops_lib.SEARCH_SPACES)
+        if not search_spaces.is_search_space(self.search_space):
+            spaces = ", ".join(search_spaces.SEARCH_SPACES)
             _bad("search_space", self.search_space, f"one of {spaces}, or pibconv_f<F>")
         if self.strategy not in STRATEGIES:
             _bad("strategy", self.strategy, f"one of {', '.join(STRATEGIES)}")

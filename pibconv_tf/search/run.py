@@ -22,13 +22,14 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from pibconv_tf import callbacks as callbacks_lib
 from pibconv_tf import data as data_lib
-from pibconv_tf import distribute, optim, rundir
+from pibconv_tf import distribute, optim
+from pibconv_tf import runs as callbacks_lib
+from pibconv_tf import runs as rundir
 from pibconv_tf.errors import UserInputError
-from pibconv_tf.search.adam import TorchAdam
+from pibconv_tf.model.search_network import SearchNetwork, build_network
+from pibconv_tf.optim import TorchAdam
 from pibconv_tf.search.config import SearchConfig
-from pibconv_tf.search.network import SearchNetwork, build_network
 from pibconv_tf.search.trainer import SearchTrainer
 
 GENOTYPE = "genotype.json"

@@ -19,9 +19,9 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from pibconv_tf.model.search_network import set_op_executor
 from pibconv_tf.search import architect as architect_lib
 from pibconv_tf.search import loss_scale as loss_scale_lib
-from pibconv_tf.search.network import set_op_executor
 from pibconv_tf.search.shared_trace import SharedTraces
 
 

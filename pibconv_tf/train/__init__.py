@@ -1,0 +1,1 @@
+"""Evaluation training: a derived network trained from scratch with the DARTS recipe."""
