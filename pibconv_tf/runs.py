@@ -95,11 +95,32 @@ class RunDir:
         return records
 
     def checkpoint_manager(self, max_to_keep=2, **trackables):
-        """A tf.train.CheckpointManager over `trackables` (models, optimizers, variables)."""
-        checkpoint = tf.train.Checkpoint(**trackables)
+        """A tf.train.CheckpointManager over `trackables` (models, optimizers, variables).
+
+        Keras models and optimizers are checkpointed as `checkpoint_variables` of them:
+        every variable they hold, trainable or not, by path (TensorFlow's object graph of a
+        Keras 3 model misses the variables of layers held in lists, such as the BatchNorm
+        statistics inside a cell's operations).
+        """
+        checkpoint = tf.train.Checkpoint(
+            **{name: checkpoint_variables(value) for name, value in trackables.items()}
+        )
         return tf.train.CheckpointManager(
             checkpoint, str(self.file(CHECKPOINT_DIR)), max_to_keep=max_to_keep
         )
+
+
+def checkpoint_variables(value):
+    """{path: tf.Variable} of every variable of a Keras model, layer or optimizer; any other
+    value (a tf.Variable) as it is."""
+    if not isinstance(value, (keras.layers.Layer, keras.optimizers.Optimizer)):
+        return value
+    variables = list(value.variables)
+    paths = [variable.path for variable in variables]
+    if len(set(paths)) != len(paths):
+        repeated = sorted({path for path in paths if paths.count(path) > 1})
+        raise ValueError(f"{value.name!r} holds several variables at the paths {repeated}.")
+    return {path: getattr(v, "value", v) for path, v in zip(paths, variables, strict=True)}
 
 
 def latest_checkpoint(path):

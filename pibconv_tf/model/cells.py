@@ -7,7 +7,7 @@ Reference:
 import keras
 from keras import ops
 
-from pibconv_tf.kernels import tensorflow_cpu as backend_kernels
+from pibconv_tf.model import numerics as L
 from pibconv_tf.model import operations, search_spaces
 from pibconv_tf.model.genotypes import Genotype
 
@@ -111,7 +111,9 @@ class Cell(keras.layers.Layer):
                 activations=self.activations,
             )
             self.edge_ops.append(op)
-        self.seed_generator = keras.random.SeedGenerator(seed)
+        # Named after the cell: checkpoints key variables by path, which must not depend on
+        # how many generators the process made before.
+        self.seed_generator = keras.random.SeedGenerator(seed, name=f"{self.name}_drop_path")
 
     def build(self, input_shape):
         self.drop_path_rate = self.add_weight(
@@ -121,13 +123,10 @@ class Cell(keras.layers.Layer):
     def call(self, inputs, training=None):
         s0, s1 = inputs
         if training:
-            # The executor has no priorities: s0 is ready long before s1, and its
-            # preprocessing (and the edges that read only it) would take a core from the
-            # previous cell's own work, which is on the critical path; in the 2-layer network
-            # cell 1's FactorizedReduce of the stem ran before cell 0's preprocessing. Started
-            # with s1, the two preprocessings run side by side: the 2-layer step is 5% faster,
-            # deeper ones unchanged (docs/performance.md).
-            s0 = backend_kernels.after(s0, s1)
+            # s0 is ready long before s1; a scheduling kernel may start its preprocessing
+            # only once s1 exists, so that it does not take a core from the previous cell's
+            # own work (pibconv_tf.kernels.tensorflow_cpu.after).
+            s0 = L.after(s0, s1)
         states = [self.preprocess0(s0, training=training), self.preprocess1(s1, training=training)]
         shared = {}  # weight-free operations of the same state: computed once
         for node in range(len(self.edges) // 2):

@@ -95,8 +95,8 @@ class AuxiliaryHead(keras.layers.Layer):
     def call(self, inputs, training=None):
         window = self._pool(inputs.shape[1])
         x = ops.average_pool(ops.relu(inputs), window, 3, padding="valid")
-        x = ops.relu(self.bn_1(self.conv_1(x), training=training))
-        x = ops.relu(self.bn_2(self.conv_2(x), training=training))
+        x = ops.relu(L.norm(self.bn_1, L.conv(self.conv_1, x, training), training))
+        x = ops.relu(L.norm(self.bn_2, L.conv(self.conv_2, x, training), training))
         x = ops.mean(x, axis=(1, 2))
         return self.dense(x)
 

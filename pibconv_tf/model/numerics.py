@@ -5,11 +5,10 @@ that change results: the kernel initialiser (uniform +-1/sqrt(fan_in)), BatchNor
 and momentum (1e-5 and 0.1 in PyTorch's convention, i.e. a moving-average decay of 0.9), and
 the padding of strided convolutions (symmetric in PyTorch, asymmetric "same" in TensorFlow).
 
-Three pieces here are faster forms of Keras' own in training, with the same weights and
-numbers (docs/performance.md has the measurements): `Conv2D` computes a 1x1 stride-1
-convolution as one matrix product over the pixels, `BatchNorm` takes TensorFlow's fused
-kernel (or one pass over the batch where that kernel does not apply), and `gelu` has a
-hand-written gradient.
+The layers are Keras' own (`keras.layers.Conv2D`, `DepthwiseConv2D`, `BatchNormalization`,
+`LayerNormalization`, `Dense`). Operations apply them through `norm`, `conv`, `depthwise`
+and `gelu`, where `model.acceleration` may substitute a faster kernel of the same numbers in
+training (`pibconv_tf.kernels`); what is computed, saved and restored does not depend on it.
 """
 
 import math
@@ -18,7 +17,7 @@ import random
 import keras
 from keras import ops
 
-from pibconv_tf.kernels import tensorflow_cpu as backend_kernels
+from pibconv_tf.model import acceleration
 
 INITIALIZERS = ("torch", "keras")
 ACTIVATIONS = ("relu", "gelu")
@@ -28,7 +27,6 @@ BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9  # Keras' decay; PyTorch's momentum=0.1 means the same moving average.
 LN_EPSILON = 1e-6
 _SQRT_HALF = math.sqrt(0.5)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 @keras.saving.register_keras_serializable(package="pibconv_tf")
@@ -83,80 +81,14 @@ def kernel_initializer(initializer, depthwise=False):
     return "glorot_uniform"
 
 
-@keras.saving.register_keras_serializable(package="pibconv_tf")
-class BatchNorm(keras.layers.BatchNormalization):
-    """`keras.layers.BatchNormalization` that trains with a fused or a one-pass kernel.
-
-    In training, NHWC images of float32, float16 or bfloat16 take TensorFlow's fused
-    BatchNorm kernel (one pass forward, one backward; oneDNN on CPU): forward + backward in
-    1.5x less time than the one-pass form below, and its registered second derivatives
-    agree with that form's. Other inputs (float64, other ranks, other backends) take one
-    pass of their own: the batch mean and (biased) variance come from E[x] and
-    E[x^2] - E[x]^2 computed together, and the normalisation is one multiply-add with
-    per-channel factors; Keras' `moments` reads the batch twice and its gradient carries
-    broadcasts of both. The difference of moments is exact enough for activations whose
-    mean is not orders of magnitude above their spread, which BatchNorm's own inputs are.
-    Statistics are float32 for float16 inputs, as in Keras, and the moving variance takes
-    the biased batch variance on both paths, as Keras' does (PyTorch's takes the unbiased
-    one: a factor n / (n - 1) over n = batch x height x width values, 1.0005 at batch 32
-    and 8x8). Inference, masks, renormalisation and synchronised statistics are Keras' code.
-
-    Args:
-        Those of `keras.layers.BatchNormalization` (`batch_norm` sets PyTorch's epsilon and
-        momentum).
-
-    Call arguments:
-        inputs: a tensor whose last axis is normalised.
-        training: use (and record) the batch statistics.
-        mask: as in Keras (its path).
-    """
-
-    def call(self, inputs, training=None, mask=None):
-        if (
-            not (training and self.trainable)
-            or mask is not None
-            or self.renorm
-            or self.synchronized
-            or self.axis not in (-1, len(inputs.shape) - 1)
-        ):
-            return super().call(inputs, training=training, mask=mask)
-        if backend_kernels.fused_batch_norm_available(inputs):
-            return self._fused_call(inputs)
-        dtype = "float32" if inputs.dtype in ("float16", "bfloat16") else inputs.dtype
-        x = ops.cast(inputs, dtype)
-        axes = tuple(range(len(x.shape) - 1))
-        mean = ops.mean(x, axis=axes)
-        variance = ops.maximum(ops.mean(ops.square(x), axis=axes) - ops.square(mean), 0.0)
-        self._update_moving_statistics(mean, variance, dtype)
-        factor = ops.rsqrt(variance + self.epsilon)
-        if self.scale:
-            factor = factor * ops.cast(self.gamma, dtype)
-        shift = -mean * factor
-        if self.center:
-            shift = shift + ops.cast(self.beta, dtype)
-        return ops.cast(x * factor + shift, self.compute_dtype)
-
-    def _fused_call(self, inputs):
-        y, mean, variance = backend_kernels.fused_batch_norm_training(
-            inputs,
-            self.gamma if self.scale else None,
-            self.beta if self.center else None,
-            self.epsilon,
-        )
-        self._update_moving_statistics(mean, variance, "float32")
-        return ops.cast(y, self.compute_dtype)
-
-    def _update_moving_statistics(self, mean, variance, dtype):
-        decay = self.momentum
-        self.moving_mean.assign(ops.cast(self.moving_mean, dtype) * decay + mean * (1 - decay))
-        self.moving_variance.assign(
-            ops.cast(self.moving_variance, dtype) * decay + variance * (1 - decay)
-        )
-
-
 def batch_norm(affine, name, dtype=None):
-    """BatchNorm with PyTorch's numerics; `affine=False` drops scale and centre (search)."""
-    return BatchNorm(
+    """BatchNorm with PyTorch's numerics; `affine=False` drops scale and centre (search).
+
+    Keras' layer: the moving variance takes the biased batch variance (PyTorch's the unbiased
+    one, a factor n / (n - 1) over n = batch x height x width values: 1.0005 at batch 32 and
+    8x8).
+    """
+    return keras.layers.BatchNormalization(
         epsilon=BN_EPSILON,
         momentum=BN_MOMENTUM,
         center=affine,
@@ -166,14 +98,53 @@ def batch_norm(affine, name, dtype=None):
     )
 
 
-def norm_layer(norm, affine, name):
+def norm_layer(norm_kind, affine, name):
     """BatchNorm ("bn") or LayerNorm over channels ("ln", ConvNeXt's epsilon)."""
-    check_choice("norm", norm, NORMS)
-    if norm == "bn":
+    check_choice("norm", norm_kind, NORMS)
+    if norm_kind == "bn":
         return batch_norm(affine, name)
     return keras.layers.LayerNormalization(
         axis=-1, epsilon=LN_EPSILON, center=affine, scale=affine, name=name
     )
+
+
+def accelerated(name, *args):
+    """The kernel `name` applied to `args`, or None (switched off, absent, not applicable)."""
+    fast = acceleration.kernel(name)
+    return None if fast is None else fast(*args)
+
+
+def norm(layer, x, training=None):
+    """`layer(x, training=training)` for a norm layer; in training maybe a faster kernel."""
+    if training and isinstance(layer, keras.layers.BatchNormalization) and layer.trainable:
+        outputs = accelerated("batch_norm_training", layer, x)
+        if outputs is not None:
+            return outputs
+    return layer(x, training=training)
+
+
+def conv(layer, x, training=None):
+    """`layer(x)` for a `Conv2D`; in training maybe a faster kernel (1x1: a matrix product).
+
+    Stride-2 inputs are padded by `symmetric_pad` beforehand.
+    """
+    if training:
+        outputs = accelerated("conv2d_training", layer, x)
+        if outputs is not None:
+            return outputs
+    return layer(x)
+
+
+def depthwise(layer, x, training=None, pad=0):
+    """A `DepthwiseConv2D` with PyTorch's padding `pad` (symmetric; applied at stride 2).
+
+    At stride 1 the layer's "same" padding is already symmetric for odd kernels.
+    """
+    if training:
+        outputs = accelerated("depthwise_conv2d_training", layer, x, pad)
+        if outputs is not None:
+            return outputs
+    return layer(symmetric_pad(x, layer.strides, pad))
 
 
 def activation(x, name, training=None):
@@ -184,28 +155,24 @@ def activation(x, name, training=None):
 
 
 def gelu(x, training=None):
-    """Exact GELU, x * Phi(x); in training with a hand-written gradient.
+    """Exact GELU, x * Phi(x).
 
-    The gradient Phi(x) + x * phi(x) reuses the forward's Phi(x): forward and backward take
-    ~30% less time on CPU than differentiating `ops.gelu`'s graph (whose gradient
-    recomputes erf's pieces). It is itself differentiable, so second derivatives hold.
-    Outside training it is `ops.gelu`, which converters turn into one GELU operation.
+    In inference `ops.gelu`, which converters turn into one GELU operation; in training
+    x * erfc(-x / sqrt 2) / 2, exact in the far left tail (as TensorFlow's own GELU is not
+    to float64 precision), or a faster kernel.
     """
     if not training:
         return ops.gelu(x, approximate=False)
-    return _gelu_with_gradient(x)
+    outputs = accelerated("gelu_training", x)
+    if outputs is not None:
+        return outputs
+    return x * (0.5 * ops.erfc(x * -_SQRT_HALF))
 
 
-@ops.custom_gradient
-def _gelu_with_gradient(x):
-    cdf = 0.5 * ops.erfc(x * -_SQRT_HALF)  # TensorFlow's form: exact in the far left tail
-
-    def grad(*args, upstream=None):
-        upstream = args[0] if upstream is None else upstream
-        density = ops.exp(-0.5 * ops.square(x)) * _INV_SQRT_2PI
-        return upstream * (cdf + x * density)
-
-    return x * cdf, grad
+def after(x, dependency):
+    """`x`; a scheduling kernel may make its readers wait for `dependency` (same numbers)."""
+    outputs = accelerated("after", x, dependency)
+    return x if outputs is None else outputs
 
 
 def padding_mode(strides):
@@ -221,47 +188,9 @@ def _pair(value):
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
-def pointwise(x, kernel, training=None):
-    """A 1x1 stride-1 convolution of NHWC `x` with `kernel` (1, 1, C_in, C_out).
-
-    In training it is one matrix product over the pixels, whose forward and backward pass
-    take ~15-20% less time on CPU than a 1x1 `Conv2D`'s; in inference it stays a
-    convolution, which converters fold a following BatchNorm into.
-    """
-    if not training:
-        return ops.conv(x, kernel, strides=1, padding="valid")
-    shape = ops.shape(x)
-    y = ops.matmul(ops.reshape(x, (-1, kernel.shape[2])), ops.reshape(kernel, kernel.shape[2:]))
-    return ops.reshape(y, (shape[0], shape[1], shape[2], kernel.shape[3]))
-
-
-@keras.saving.register_keras_serializable(package="pibconv_tf")
-class Conv2D(keras.layers.Conv2D):
-    """`keras.layers.Conv2D` that trains a 1x1 stride-1 convolution as a matrix product.
-
-    Same weights, configuration and numbers as Keras' layer; see `pointwise`. Other
-    kernels, strides, dilations and groups are Keras' convolution.
-
-    Args:
-        Those of `keras.layers.Conv2D`.
-
-    Call arguments:
-        inputs: NHWC tensor.
-        training: whether the 1x1 case takes the training (matrix product) form.
-    """
-
-    def call(self, inputs, training=None):
-        plain = (self.kernel_size, self.strides, self.dilation_rate) == ((1, 1),) * 3
-        plain = plain and self.groups == 1 and self.data_format == "channels_last"
-        if not (plain and training and not self.use_bias):
-            return super().call(inputs)
-        outputs = pointwise(inputs, ops.cast(self.kernel, inputs.dtype), training)
-        return outputs if self.activation is None else self.activation(outputs)
-
-
 def conv2d(filters, kernel_size, strides, initializer, name, dilation_rate=1, groups=1, dtype=None):
     """A bias-free convolution; stride-2 inputs are padded by `symmetric_pad` beforehand."""
-    return Conv2D(
+    return keras.layers.Conv2D(
         filters,
         kernel_size,
         strides=strides,
@@ -275,53 +204,9 @@ def conv2d(filters, kernel_size, strides, initializer, name, dilation_rate=1, gr
     )
 
 
-@keras.saving.register_keras_serializable(package="pibconv_tf")
-class DepthwiseConv2D(keras.layers.DepthwiseConv2D):
-    """`keras.layers.DepthwiseConv2D` with PyTorch's padding and faster CPU training kernels.
-
-    Same weights, configuration and numbers as Keras' layer. A strided convolution pads its
-    input symmetrically by the call argument `pad` first (PyTorch's `padding=`; the layer is
-    built "valid" for strides above 1, see `padding_mode`). In training on a CPU-only
-    TensorFlow, `backend_kernels.depthwise_conv2d_training` takes stride-1 convolutions with
-    kernels of 5 or more and stride-2 ones without dilation (faster oneDNN kernels and
-    gradients); everything else is Keras' convolution.
-
-    Args:
-        Those of `keras.layers.DepthwiseConv2D`.
-
-    Call arguments:
-        inputs: NHWC tensor.
-        training: whether the training kernels may be taken.
-        pad: symmetric padding of H and W before a strided convolution (ignored at stride 1,
-            whose "same" padding is already symmetric for odd kernels).
-    """
-
-    def call(self, inputs, training=None, pad=0):
-        if training and self._fast(inputs):
-            kernel = ops.cast(self.kernel, inputs.dtype)
-            outputs = backend_kernels.depthwise_conv2d_training(
-                inputs, kernel, self.strides, self.dilation_rate, pad
-            )
-            return outputs if self.activation is None else self.activation(outputs)
-        return super().call(symmetric_pad(inputs, self.strides, pad))
-
-    def compute_output_spec(self, inputs, training=None, pad=0):
-        shape = list(inputs.shape)
-        if pad and padding_mode(self.strides) == "valid":
-            shape[1:3] = [None if n is None else n + 2 * pad for n in shape[1:3]]
-        return keras.KerasTensor(self.compute_output_shape(tuple(shape)), self.compute_dtype)
-
-    def _fast(self, inputs):
-        plain = not self.use_bias and self.depth_multiplier == 1
-        plain = plain and self.data_format == "channels_last"
-        plain = plain and self.padding == padding_mode(self.strides)
-        return plain and backend_kernels.depthwise_training_available(
-            inputs, self.kernel_size, self.strides, self.dilation_rate
-        )
-
-
 def depthwise_conv2d(kernel_size, strides, initializer, name, dilation_rate=1):
-    return DepthwiseConv2D(
+    """A bias-free depthwise convolution, applied through `depthwise`."""
+    return keras.layers.DepthwiseConv2D(
         kernel_size,
         strides=strides,
         padding=padding_mode(strides),
@@ -361,17 +246,10 @@ def build_sublayers(*pairs):
 
 @keras.saving.register_keras_serializable(package="pibconv_tf")
 class ConvBatchNorm(keras.layers.Layer):
-    """A bias-free KxK stride-1 convolution followed by BatchNorm, trained as one product.
+    """A bias-free KxK stride-1 convolution followed by BatchNorm: the network's stem.
 
-    In inference (and for float16 / bfloat16 inputs) it is the two layers `conv` and `bn`.
-    In training, a convolution of few input channels (the network's stem: 3x3 over RGB, 27
-    values per pixel) is rewritten exactly: with P the N*H*W x K*K*C_in image patches, the
-    convolution is P @ W, so its batch mean is mean(P) @ W and its batch variance
-    diag(W^T cov(P) W), where cov(P) is only K*K*C_in square. The normalised output is then
-    one matrix product of the centred patches by W scaled per channel, plus the shift: the
-    convolution's and BatchNorm's passes over the N*H*W x C_out output (forward and
-    backward) become one matrix product each way. Same weights, moving statistics and
-    numbers (to rounding) as `conv` then `bn`.
+    `bn(conv(x))`; in training a kernel may compute the two as one (`pibconv_tf.kernels`:
+    the normalised output as one matrix product of the image patches).
 
     Args:
         filters: output channels.
@@ -398,26 +276,11 @@ class ConvBatchNorm(keras.layers.Layer):
         build_sublayers((self.conv, input_shape[-1]), (self.bn, self.filters))
 
     def call(self, inputs, training=None):
-        if not (training and self.bn.trainable) or inputs.dtype not in ("float32", "float64"):
-            return self.bn(self.conv(inputs), training=training)
-        k = self.kernel_size
-        shape = ops.shape(inputs)
-        patches = ops.image.extract_patches(inputs, (k, k), strides=(1, 1), padding="same")
-        patches = ops.reshape(patches, (-1, k * k * inputs.shape[-1]))
-        kernel = ops.reshape(ops.cast(self.conv.kernel, inputs.dtype), (-1, self.filters))
-        patch_mean = ops.mean(patches, axis=0)
-        centred = patches - patch_mean
-        count = ops.cast(ops.shape(patches)[0], inputs.dtype)
-        covariance = ops.einsum("mi,mj->ij", centred, centred) / count  # no transposed copy
-        mean = ops.matmul(patch_mean[None, :], kernel)[0]
-        variance = ops.sum(kernel * ops.matmul(covariance, kernel), axis=0)
-        self.bn._update_moving_statistics(mean, variance, inputs.dtype)
-        factor = ops.rsqrt(variance + self.bn.epsilon) * ops.cast(self.bn.gamma, inputs.dtype)
-        # The shift as one more input column of ones: one product, no pass to add it.
-        centred = ops.concatenate([centred, ops.ones_like(centred[:, :1])], axis=1)
-        folded = ops.concatenate([kernel * factor, ops.cast(self.bn.beta, inputs.dtype)[None]], 0)
-        outputs = ops.matmul(centred, folded)
-        return ops.reshape(outputs, (shape[0], shape[1], shape[2], self.filters))
+        if training and self.bn.trainable:
+            outputs = accelerated("conv_batch_norm_training", self, inputs)
+            if outputs is not None:
+                return outputs
+        return norm(self.bn, conv(self.conv, inputs, training), training)
 
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], self.filters)

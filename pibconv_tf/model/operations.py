@@ -104,8 +104,8 @@ class FactorizedReduce(keras.layers.Layer):
             top, bottom = ops.unstack(blocks, 2, axis=2)  # gradients: a stack and a concat,
             even = ops.split(top, 2, axis=-1)[0]  # 4x faster than those of strided slices
             odd = ops.split(bottom, 2, axis=-1)[1]
-        x = ops.concatenate([self.conv_1(even), self.conv_2(odd)], axis=-1)
-        return self.bn(x, training=training)
+        halves = [L.conv(self.conv_1, even, training), L.conv(self.conv_2, odd, training)]
+        return L.norm(self.bn, ops.concatenate(halves, axis=-1), training)
 
     def compute_output_shape(self, input_shape):
         return (*_strided_shape(input_shape, 2)[:3], self.filters)
@@ -183,7 +183,7 @@ class ReLUConvBN(_ConvStack):
     def call(self, inputs, training=None):
         x = L.activation(inputs, self.activation, training) if self.activate else inputs
         x = L.symmetric_pad(x, self.strides, self.kernel_size // 2)
-        return self.bn(self.conv(x), training=training)
+        return L.norm(self.bn, L.conv(self.conv, x, training), training)
 
     def get_config(self):
         return {**super().get_config(), "activate": self.activate}
@@ -242,10 +242,11 @@ class SepConv(_ConvStack):
     def call(self, inputs, training=None):
         pad = self.kernel_size // 2
         x = L.activation(inputs, self.activation, training)
-        x = self.dw_1(x, pad=pad)
-        x = self.norm_1(self.pw_1(x), training=training)
+        x = L.depthwise(self.dw_1, x, training, pad)
+        x = L.norm(self.norm_1, L.conv(self.pw_1, x, training), training)
         x = L.activation(x, self.activation, training)
-        x = self.norm_2(self.pw_2(self.dw_2(x)), training=training)
+        x = L.depthwise(self.dw_2, x, training, pad)
+        x = L.norm(self.norm_2, L.conv(self.pw_2, x, training), training)
         return x
 
 
@@ -273,8 +274,8 @@ class DilConv(_ConvStack):
     def call(self, inputs, training=None):
         pad = self.dilation_rate * (self.kernel_size - 1) // 2
         x = L.activation(inputs, self.activation, training)
-        x = self.dw(x, pad=pad)
-        return self.bn(self.pw(x), training=training)
+        x = L.depthwise(self.dw, x, training, pad)
+        return L.norm(self.bn, L.conv(self.pw, x, training), training)
 
     def get_config(self):
         return {**super().get_config(), "dilation_rate": self.dilation_rate}
@@ -299,9 +300,9 @@ class Conv7x1_1x7(_ConvStack):  # noqa: N801 (the DARTS operation name)
     def call(self, inputs, training=None):
         pad = self.kernel_size // 2
         x = L.activation(inputs, self.activation, training)
-        x = self.conv_1xk(L.symmetric_pad(x, (1, self.strides), 0, pad))
-        x = self.conv_kx1(L.symmetric_pad(x, (self.strides, 1), pad, 0))
-        return self.bn(x, training=training)
+        x = L.conv(self.conv_1xk, L.symmetric_pad(x, (1, self.strides), 0, pad), training)
+        x = L.conv(self.conv_kx1, L.symmetric_pad(x, (self.strides, 1), pad, 0), training)
+        return L.norm(self.bn, x, training)
 
 
 @_REGISTER

@@ -8,7 +8,6 @@ Reference:
 import keras
 from keras import ops
 
-from pibconv_tf.kernels import tensorflow_cpu as backend_kernels
 from pibconv_tf.model import numerics as L
 
 IMPLEMENTATIONS = ("depthwise", "grouped")
@@ -27,16 +26,11 @@ class PIBConv(keras.layers.Layer):
 
     The grouped convolution's kernel is stored in Keras' `Conv2D(groups=C)` layout
     (k, k, F, C), and computed one of two ways with identical numbers:
-    - "depthwise": in inference, a depthwise convolution over the F*C expanded channels
-      followed by a sum over each group of F channels (`_grouped_conv`, the graph the TFLite
-      export starts from). In training, the expansion and the grouped convolution are
-      computed together as F branches summed: input i of group g is expanded channel
-      F*g + i, so branch i is a 1x1 convolution by column block i of the expansion kernel
-      (C -> C) followed by a depthwise convolution with `grouped_kernel[:, :, i, :]`. No
-      channel interleaving is summed: a PIBCONV training step takes ~15% less time on CPU
-      than with the 5-D reshape and sum, whose broadcast gradient is slow, and two orders
-      of magnitude less than with TensorFlow's grouped convolution, which has no fused CPU
-      kernel.
+    - "depthwise": a depthwise convolution over the F*C expanded channels followed by a sum
+      over each group of F channels (`_grouped_conv`; the graph the TFLite export starts
+      from). TensorFlow's grouped convolution has no fused CPU kernel and trains two orders
+      of magnitude slower. In training, `pibconv_tf.kernels` may compute the expansion and
+      the grouped convolution together as F branches summed (the same numbers).
     - "grouped": the 1x1 expansion, then a grouped convolution (`ops.conv` with the
       (k, k, F, C) kernel); it maps to one TFLite CONV_2D.
 
@@ -97,35 +91,15 @@ class PIBConv(keras.layers.Layer):
         )
 
     def call(self, inputs, training=None):
-        pad = self.kernel_size // 2
-        x = self.dw(inputs, pad=pad)
-        x = self.bn(x, training=training)
+        x = L.depthwise(self.dw, inputs, training, self.kernel_size // 2)
+        x = L.norm(self.bn, x, training)
+        grouped = None
         if training and self.implementation == "depthwise":
-            x = self._expand_and_group(x, training)
-        else:
-            x = self._grouped_conv(self.pw_expand(x, training=training))
-        x = L.gelu(x, training)
-        return self.pw_project(x, training=training)
-
-    def _expand_and_group(self, x, training=None):
-        k, f, c = self.kernel_size, self.expansion, self.filters
-        expand = ops.cast(self.pw_expand.kernel, x.dtype)
-        # Column f*g + i of the expansion kernel feeds input i of group g.
-        expand = ops.reshape(expand, (1, 1, expand.shape[2], c, f))
-        grouped = ops.cast(self.grouped_kernel, x.dtype)
-        # Unstacked, not sliced: the gradient of an unstack is one stack, cheaper than a
-        # strided-slice gradient per piece.
-        expand, grouped = ops.unstack(expand, f, axis=-1), ops.unstack(grouped, f, axis=2)
-        total = None
-        for i in range(f):
-            y = L.pointwise(x, expand[i], training)
-            depthwise = ops.reshape(grouped[i], (k, k, c, 1))
-            if backend_kernels.depthwise_training_available(y, (k, k), (1, 1), (1, 1)):
-                y = backend_kernels.depthwise_conv2d_training(y, depthwise)
-            else:
-                y = ops.depthwise_conv(y, depthwise, strides=1, padding="same")
-            total = y if total is None else total + y
-        return total
+            grouped = L.accelerated("pib_conv_expand_group", self, x)
+        if grouped is None:
+            grouped = self._grouped_conv(L.conv(self.pw_expand, x, training))
+        x = L.gelu(grouped, training)
+        return L.conv(self.pw_project, x, training)
 
     def _grouped_conv(self, x):
         kernel = ops.cast(self.grouped_kernel, x.dtype)
@@ -212,10 +186,10 @@ class ConvNeXtBlock(keras.layers.Layer):
         )
 
     def call(self, inputs, training=None):
-        x = self.dw(inputs, pad=self.kernel_size // 2)
-        x = self.norm_layer(x, training=training)
-        x = L.gelu(self.pw_expand(x), training)
-        return self.pw_project(x)
+        x = L.depthwise(self.dw, inputs, training, self.kernel_size // 2)
+        x = L.norm(self.norm_layer, x, training)
+        x = L.gelu(L.conv(self.pw_expand, x, training), training)
+        return L.conv(self.pw_project, x, training)
 
     def get_config(self):
         return {

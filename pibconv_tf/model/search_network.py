@@ -97,7 +97,7 @@ class MixedOp(keras.layers.Layer):
         for index, op, norm in self.candidates:
             y = op(inputs, training=training)
             if norm is not None:
-                y = norm(y, training=training)
+                y = L.norm(norm, y, training)
             y = weights[index] * y
             total = y if total is None else total + y
         return total
@@ -334,7 +334,7 @@ class SearchNetwork(keras.Model):
     def call(self, inputs, training=None):
         normal = ops.softmax(ops.convert_to_tensor(self._alphas_normal), axis=-1)
         reduce = ops.softmax(ops.convert_to_tensor(self._alphas_reduce), axis=-1)
-        x = self.stem_bn(self.stem_conv(inputs), training=training)
+        x = L.norm(self.stem_bn, L.conv(self.stem_conv, inputs, training), training)
         s0 = s1 = x
         for cell in self.cells:
             weights = reduce if cell.reduction else normal
