@@ -25,11 +25,23 @@ import sys
 
 from absl import flags
 
-from benchmarks import harness as benchmark
+from benchmarks import harness
 from pibconv_tf.errors import RunError, UserInputError
+from pibconv_tf.model import acceleration
+
+_SHARED = common.define(
+    "dataset",
+    "data_dir",
+    "image_size",
+    "seed",
+    "overwrite",
+    "mixed_precision",
+    "jit_compile",
+    *common.RUNTIME,
+)
 
 _WHAT = flags.DEFINE_list(
-    "what", ["all"], f"Measurements: all, or some of {', '.join(benchmark.WHATS)}."
+    "what", ["all"], f"Measurements: all, or some of {', '.join(harness.WHATS)}."
 )
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats (median, min, max over them).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls first; the first one traces.")
@@ -44,30 +56,30 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Train-step and train-pipel
 _IMPLEMENTATION = flags.DEFINE_enum(
     "implementation",
     "depthwise",
-    list(benchmark.IMPLEMENTATIONS),
+    list(harness.IMPLEMENTATIONS),
     "PIBConv's grouped convolution in the Keras graphs.",
 )
 _SEARCH_LAYERS = flags.DEFINE_integer("search_layers", 8, "Cells of the search network.")
 _SEARCH_INIT_CHANNELS = flags.DEFINE_integer("search_init_channels", 16, "C of the search.")
 _SEARCH_BATCH_SIZE = flags.DEFINE_integer("search_batch_size", 16, "Search-step batch.")
 _SEARCH_SPACE = flags.DEFINE_enum(
-    "search_space", "pibconv", list(benchmark.SEARCH_SPACES), "Operation set of the search."
+    "search_space", "pibconv", list(harness.SEARCH_SPACES), "Operation set of the search."
 )
 _SEARCH_NODES = flags.DEFINE_integer("search_nodes", 4, "Intermediate nodes per search cell.")
-_ORDER = flags.DEFINE_list("order", list(benchmark.ORDERS), "Architecture-gradient orders.")
+_ORDER = flags.DEFINE_list("order", list(harness.ORDERS), "Architecture-gradient orders.")
 _INFERENCE_BATCH_SIZES = flags.DEFINE_list(
     "inference_batch_sizes", ["1", "256"], "Batch sizes of Keras and SavedModel inference."
 )
 _INFERENCE_MODES = flags.DEFINE_list(
-    "inference_modes", list(benchmark.INFERENCE_MODES), "How Keras inference is called."
+    "inference_modes", list(harness.INFERENCE_MODES), "How Keras inference is called."
 )
 _TFLITE_FORMATS = flags.DEFINE_list(
-    "tflite_formats", list(benchmark.TFLITE_FORMATS), "TFLite artifacts to time (batch 1)."
+    "tflite_formats", list(harness.TFLITE_FORMATS), "TFLite artifacts to time (batch 1)."
 )
 _TFLITE_IMPLEMENTATION = flags.DEFINE_enum(
     "tflite_implementation",
     "split",
-    list(benchmark.TFLITE_IMPLEMENTATIONS),
+    list(harness.TFLITE_IMPLEMENTATIONS),
     "PIBConv's form in the TFLite graphs (split: apps.export's default).",
 )
 _TFLITE_THREADS = flags.DEFINE_list("tflite_threads", ["1", "2"], "LiteRT thread counts.")
@@ -77,7 +89,7 @@ _EVAL_IMAGES = flags.DEFINE_integer(
 _MODEL = flags.DEFINE_string(
     "model", None, "A trained model.keras for inference and tflite (default: a fresh network)."
 )
-_PIPELINES = flags.DEFINE_list("pipelines", list(benchmark.PIPELINES), "Input pipelines.")
+_PIPELINES = flags.DEFINE_list("pipelines", list(harness.PIPELINES), "Input pipelines.")
 _PIPELINE_IMAGES = flags.DEFINE_integer(
     "pipeline_images", 50000, "Images of the synthetic source (without --dataset)."
 )
@@ -95,13 +107,22 @@ def _integers(flag):
         ) from error
 
 
+def _cpu_kernels():
+    if _SHARED.cpu_kernels.value:
+        return _SHARED.cpu_kernels.value
+    try:
+        return acceleration.mode_from_environment()
+    except ValueError as error:
+        raise UserInputError(str(error)) from error
+
+
 def config_from_flags():
-    what = benchmark.WHATS if "all" in _WHAT.value else tuple(_WHAT.value)
-    jit_modes = (common.JIT_COMPILE.value,) if common.JIT_COMPILE.present else (False, True)
+    what = harness.WHATS if "all" in _WHAT.value else tuple(_WHAT.value)
+    jit_modes = (_SHARED.jit_compile.value,) if _SHARED.jit_compile.present else (False, True)
     precisions = ("float32", "mixed_float16")
-    if common.MIXED_PRECISION.value:
-        precisions = ("float32", common.MIXED_PRECISION.value)
-    return benchmark.BenchmarkConfig(
+    if _SHARED.mixed_precision.value:
+        precisions = ("float32", _SHARED.mixed_precision.value)
+    return harness.BenchmarkConfig(
         what=what,
         repeats=_REPEATS.value,
         warmup=_WARMUP.value,
@@ -110,7 +131,7 @@ def config_from_flags():
         layers=_integers(_LAYERS),
         init_channels=_INIT_CHANNELS.value,
         batch_size=_BATCH_SIZE.value,
-        image_size=common.IMAGE_SIZE.value,
+        image_size=_SHARED.image_size.value,
         implementation=_IMPLEMENTATION.value,
         jit_compile_modes=jit_modes,
         precisions=precisions,
@@ -120,7 +141,7 @@ def config_from_flags():
         search_space=_SEARCH_SPACE.value,
         search_nodes=_SEARCH_NODES.value,
         order=tuple(_ORDER.value),
-        search_jit_compile=common.JIT_COMPILE.value if common.JIT_COMPILE.present else False,
+        search_jit_compile=_SHARED.jit_compile.value if _SHARED.jit_compile.present else False,
         inference_batch_sizes=_integers(_INFERENCE_BATCH_SIZES),
         inference_modes=tuple(_INFERENCE_MODES.value),
         tflite_formats=tuple(_TFLITE_FORMATS.value),
@@ -129,15 +150,16 @@ def config_from_flags():
         eval_images=_EVAL_IMAGES.value,
         model=_MODEL.value,
         # --dataset defaults to cifar10 for the training apps; here it is opt-in.
-        dataset=common.DATASET.value if common.DATASET.present else None,
-        data_dir=common.DATA_DIR.value,
+        dataset=_SHARED.dataset.value if _SHARED.dataset.present else None,
+        data_dir=_SHARED.data_dir.value,
         pipeline_images=_PIPELINE_IMAGES.value,
         pipelines=tuple(_PIPELINES.value),
         isolate=_ISOLATE.value,
-        intra_op_threads=common.INTRA_OP_THREADS.value,
-        inter_op_threads=common.INTER_OP_THREADS.value,
-        graph_optimizer=common.GRAPH_OPTIMIZER.value,
-        seed=common.SEED.value,
+        intra_op_threads=_SHARED.intra_op_threads.value,
+        inter_op_threads=_SHARED.inter_op_threads.value,
+        graph_optimizer=_SHARED.graph_optimizer.value,
+        cpu_kernels=_cpu_kernels(),
+        seed=_SHARED.seed.value,
         output=_OUTPUT.value,
     ).validate()
 
@@ -148,7 +170,7 @@ def _prepare_output(config):
         return
     directory = os.path.dirname(os.path.abspath(config.output))
     os.makedirs(directory, exist_ok=True)
-    if common.OVERWRITE.value and os.path.exists(config.output):
+    if _SHARED.overwrite.value and os.path.exists(config.output):
         os.remove(config.output)
     with open(os.path.join(directory, "config.json"), "w") as stream:
         json.dump(config.to_dict(), stream, indent=2)
@@ -163,8 +185,8 @@ def main(argv):
     del argv
     config = config_from_flags()
     _prepare_output(config)
-    records = benchmark.run_benchmarks(config, on_record=_progress)
-    print(benchmark.format_table(records))
+    records = harness.run_benchmarks(config, on_record=_progress)
+    print(harness.format_table(records))
     failed = [r for r in records if r["status"] == "error"]
     if failed:
         raise RunError(

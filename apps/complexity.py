@@ -20,6 +20,8 @@ from pibconv_tf.model import genotypes
 from pibconv_tf.model import networks
 from pibconv_tf.errors import UserInputError
 
+_SHARED = common.define("image_size")
+
 _GENOTYPE = flags.DEFINE_list(
     "genotype", ["DARTS_V2", "PIBCONV"], "Named genotypes or genotype.json paths."
 )
@@ -86,7 +88,7 @@ def main(argv):
         parse_layers(_LAYERS.value),
         _INIT_CHANNELS.value,
         _NUM_CLASSES.value,
-        common.IMAGE_SIZE.value,
+        _SHARED.image_size.value,
     )
     print(format_rows(rows, _FORMAT.value))
 

@@ -11,7 +11,8 @@ on other data:
 python -m apps.demo --dataset=cifar10 --data_dir=~/tensorflow_datasets \
     --output_dir=runs/demo_cifar10
 
---dataset defaults to the embedded `digits` here (the other apps default to cifar10).
+--dataset defaults to the embedded `digits` here (the other apps default to cifar10). The
+stages run in this process, through the library functions behind the apps.
 """
 
 from apps import common  # noqa: I001 (first: quiets TensorFlow before it loads)
@@ -20,9 +21,12 @@ import dataclasses
 
 from absl import flags
 
-from pibconv_tf import demo as pipeline
+from pibconv_tf import demo
 
-_DEFAULTS = pipeline.PipelineConfig()
+_SHARED = common.define("dataset", "data_dir", "seed", "overwrite", *common.RUNTIME)
+flags.set_default(_SHARED.dataset, "digits")  # the other apps default to cifar10
+
+_DEFAULTS = demo.PipelineConfig()
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", _DEFAULTS.output_dir, "Where every stage writes.")
 _SEARCH_EPOCHS = flags.DEFINE_integer("search_epochs", _DEFAULTS.search_epochs, "Search epochs.")
 _SEARCH_LAYERS = flags.DEFINE_integer("search_layers", _DEFAULTS.search_layers, "Search cells.")
@@ -48,13 +52,12 @@ _BENCHMARK_RUNS = flags.DEFINE_integer(
 
 def main(argv):
     del argv
-    dataset_given = flags.FLAGS["dataset"].present
     config = dataclasses.replace(
         _DEFAULTS,
         output_dir=_OUTPUT_DIR.value,
-        dataset=common.DATASET.value if dataset_given else _DEFAULTS.dataset,
-        data_dir=common.DATA_DIR.value,
-        seed=common.SEED.value,
+        dataset=_SHARED.dataset.value,
+        data_dir=_SHARED.data_dir.value,
+        seed=_SHARED.seed.value,
         search_space=_SEARCH_SPACE.value,
         search_epochs=_SEARCH_EPOCHS.value,
         search_layers=_SEARCH_LAYERS.value,
@@ -67,14 +70,9 @@ def main(argv):
         train_batch_size=_BATCH_SIZE.value,
         train_steps_per_epoch=_STEPS_PER_EPOCH.value,
         benchmark_runs=_BENCHMARK_RUNS.value,
-        overwrite=common.OVERWRITE.value,
-        runtime_flags=tuple(
-            f"--{name}={flags.FLAGS[name].value}"
-            for name in ("graph_optimizer", "intra_op_threads", "inter_op_threads")
-            if flags.FLAGS[name].present
-        ),
+        overwrite=_SHARED.overwrite.value,
     )
-    pipeline.run_pipeline(config)
+    demo.run_pipeline(config)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from absl import flags, logging
 
 from pibconv_tf import evaluation
 
+_SHARED = common.define("dataset", "data_dir", "image_size", "seed", "jit_compile", *common.RUNTIME)
+
 FLAGS = flags.FLAGS
 _MODEL = flags.DEFINE_string("model", None, "Path of a .keras model (e.g. DIR/model.keras).")
 _SPLIT = flags.DEFINE_enum("split", "test", ["test", "train"], "The split to evaluate.")
@@ -28,15 +30,15 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     config = evaluation.EvaluateConfig(
         model=_MODEL.value,
-        dataset=common.DATASET.value,
-        data_dir=common.DATA_DIR.value,
+        dataset=_SHARED.dataset.value,
+        data_dir=_SHARED.data_dir.value,
         # The model's own input size unless --image_size is given (then it must match).
-        image_size=common.IMAGE_SIZE.value if FLAGS["image_size"].present else None,
-        seed=common.SEED.value if FLAGS["seed"].present else None,
+        image_size=_SHARED.image_size.value if FLAGS["image_size"].present else None,
+        seed=_SHARED.seed.value if FLAGS["seed"].present else None,
         split=_SPLIT.value,
         batch_size=_BATCH_SIZE.value,
         output=_OUTPUT.value,
-        jit_compile=common.JIT_COMPILE.value,
+        jit_compile=_SHARED.jit_compile.value,
     )
     print(json.dumps(evaluation.evaluate_file(config), indent=2, sort_keys=True))
 

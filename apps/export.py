@@ -20,8 +20,10 @@ from apps import common  # noqa: I001 (first: quiets TensorFlow before it loads)
 from absl import flags, logging
 
 from pibconv_tf.deploy import export
-from pibconv_tf.deploy import tflite as export_tflite
+from pibconv_tf.deploy import tflite
 from pibconv_tf.errors import UserInputError
+
+_SHARED = common.define("dataset", "data_dir", "image_size", "seed", "overwrite", *common.RUNTIME)
 
 FLAGS = flags.FLAGS
 _MODEL = flags.DEFINE_string("model", None, "The logits-only model.keras written by training.")
@@ -40,12 +42,12 @@ _INT8_IO = flags.DEFINE_bool(
     "Integer input and output for tflite_int8 and tflite_int8_mixed (else float32 in and out).",
 )
 _INT8_IO_TYPE = flags.DEFINE_enum(
-    "int8_io_type", "uint8", list(export_tflite.INT8_IO_TYPES), "Integer type of --int8_io."
+    "int8_io_type", "uint8", list(tflite.INT8_IO_TYPES), "Integer type of --int8_io."
 )
 _PIB_IMPLEMENTATION = flags.DEFINE_enum(
     "pib_implementation",
     export.DEFAULT_PIB_IMPLEMENTATION,
-    list(export_tflite.PIB_IMPLEMENTATIONS),
+    list(tflite.PIB_IMPLEMENTATIONS),
     "How the TFLite graph computes PIBConv's grouped convolution (same numbers; split, a "
     "depthwise convolution and a sum of channel halves, runs fastest).",
 )
@@ -87,20 +89,20 @@ def _threads(values):
 def config_from_flags():
     if not _MODEL.value or not _OUTPUT_DIR.value:
         raise UserInputError("--model and --output_dir are required.")
-    # --dataset has a default (cifar10) for the training apps; here it is opt-in.
-    dataset = common.DATASET.value if common.DATASET.present else None
+    # --dataset defaults to cifar10 for the training apps; here it is opt-in.
+    dataset = _SHARED.dataset.value if _SHARED.dataset.present else None
     formats = tuple(_FORMATS.value)
     if not _FORMATS.present and dataset is None:
-        formats = tuple(f for f in formats if f not in export_tflite.CALIBRATED_FORMATS)
+        formats = tuple(f for f in formats if f not in tflite.CALIBRATED_FORMATS)
         logging.warning("No --dataset to calibrate with: the int8 formats are left out.")
     return export.ExportConfig(
         model=_MODEL.value,
         output_dir=_OUTPUT_DIR.value,
         formats=formats,
         dataset=dataset,
-        data_dir=common.DATA_DIR.value,
-        seed=common.SEED.value,
-        image_size=common.IMAGE_SIZE.value if common.IMAGE_SIZE.present else None,
+        data_dir=_SHARED.data_dir.value,
+        seed=_SHARED.seed.value,
+        image_size=_SHARED.image_size.value if _SHARED.image_size.present else None,
         mean=_floats("mean", _MEAN.value),
         std=_floats("std", _STD.value),
         class_names=tuple(_CLASS_NAMES.value) if _CLASS_NAMES.value else None,
@@ -115,7 +117,7 @@ def config_from_flags():
         benchmark_warmup=_BENCHMARK_WARMUP.value,
         benchmark_threads=_threads(_BENCHMARK_THREADS.value),
         benchmark_rounds=_BENCHMARK_ROUNDS.value,
-        overwrite=common.OVERWRITE.value,
+        overwrite=_SHARED.overwrite.value,
     )
 
 
@@ -125,9 +127,9 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)  # TensorFlow's SavedModel writer logs at INFO
     config = config_from_flags()
     report = export.export_model(config)
-    print(export_tflite.format_parity(report))
+    print(tflite.format_parity(report))
     if "latency" in report:
-        print(export_tflite.format_latency(report["latency"]))
+        print(tflite.format_latency(report["latency"]))
     print(f"Exported {', '.join(config.formats)} to {config.output_dir}")
 
 

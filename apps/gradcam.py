@@ -18,8 +18,10 @@ from apps import common  # noqa: I001 (first: quiets TensorFlow before it loads)
 
 from absl import flags
 
-from pibconv_tf.insight import gradcam as visualize
+from pibconv_tf.insight import gradcam
 from pibconv_tf.errors import UserInputError
+
+_SHARED = common.define("dataset", "data_dir", "image_size", "seed", *common.RUNTIME)
 
 _MODEL = flags.DEFINE_list("model", None, "Trained .keras files or run dirs with model.keras.")
 _MODEL_LABELS = flags.DEFINE_list(
@@ -30,10 +32,10 @@ _IMAGES = flags.DEFINE_list(
 )
 _SPLIT = flags.DEFINE_enum("split", "test", ["train", "test"], "Dataset split of --indices.")
 _INDICES = flags.DEFINE_list("indices", ["0", "1", "2", "3"], "Positions in --split to explain.")
-_METHOD = flags.DEFINE_enum("method", "gradcam", list(visualize.METHODS), "CAM method.")
+_METHOD = flags.DEFINE_enum("method", "gradcam", list(gradcam.METHODS), "CAM method.")
 _LAYER = flags.DEFINE_string("layer", None, "Target layer name (default: the last cell).")
 _TARGET = flags.DEFINE_enum(
-    "target", "predicted", list(visualize.TARGETS), "Class each map explains."
+    "target", "predicted", list(gradcam.TARGETS), "Class each map explains."
 )
 _UPSAMPLE = flags.DEFINE_integer("upsample", 224, "Side in pixels of each drawn picture.")
 _ALPHA = flags.DEFINE_float("alpha", 0.5, "Opacity of the heat map over the image.")
@@ -50,15 +52,15 @@ def parse_indices(values):
 
 def main(argv):
     del argv
-    config = visualize.GradcamConfig(
+    config = gradcam.GradcamConfig(
         models=_MODEL.value or [],
         output=_OUTPUT.value,
         model_labels=_MODEL_LABELS.value,
         images=_IMAGES.value,
-        dataset=common.DATASET.value,
-        data_dir=common.DATA_DIR.value,
-        image_size=common.IMAGE_SIZE.value,
-        seed=common.SEED.value,
+        dataset=_SHARED.dataset.value,
+        data_dir=_SHARED.data_dir.value,
+        image_size=_SHARED.image_size.value,
+        seed=_SHARED.seed.value,
         split=_SPLIT.value,
         indices=parse_indices(_INDICES.value),
         method=_METHOD.value,
@@ -68,7 +70,7 @@ def main(argv):
         alpha=_ALPHA.value,
         batch_size=_BATCH_SIZE.value,
     )
-    summary = visualize.run_gradcam(config)
+    summary = gradcam.run_gradcam(config)
     print(f"Wrote {summary['figure']}, {summary['maps']} and {summary['config']}.")
 
 

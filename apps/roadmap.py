@@ -31,10 +31,23 @@ import os
 from absl import flags, logging
 
 from pibconv_tf.experiments import roadmap
-from pibconv_tf.train import run as training
+from pibconv_tf.train import config as train_config
 from pibconv_tf.errors import UserInputError
 from pibconv_tf.runs import CONFIG
 from pibconv_tf.search.config import SearchConfig
+
+_SHARED = common.define(
+    "dataset",
+    "data_dir",
+    "image_size",
+    "strategy",
+    "model_dir",
+    "resume",
+    "overwrite",
+    "mixed_precision",
+    "jit_compile",
+    *common.RUNTIME,
+)
 
 FLAGS = flags.FLAGS
 _STAGES = flags.DEFINE_list(
@@ -81,12 +94,12 @@ def _seeds(values):
 
 def _templates():
     shared = dict(
-        dataset=common.DATASET.value,
-        data_dir=common.DATA_DIR.value,
-        image_size=common.IMAGE_SIZE.value,
-        strategy=common.STRATEGY.value,
-        mixed_precision=common.MIXED_PRECISION.value,
-        jit_compile=common.JIT_COMPILE.value,
+        dataset=_SHARED.dataset.value,
+        data_dir=_SHARED.data_dir.value,
+        image_size=_SHARED.image_size.value,
+        strategy=_SHARED.strategy.value,
+        mixed_precision=_SHARED.mixed_precision.value,
+        jit_compile=_SHARED.jit_compile.value,
     )
     search = SearchConfig(
         **shared,
@@ -100,7 +113,7 @@ def _templates():
         unrolled=_UNROLLED.value,
         verbose=min(_VERBOSE.value, 2),
     )
-    train = training.TrainConfig(
+    train = train_config.TrainConfig(
         **shared,
         layers=_LAYERS.value,
         init_channels=_INIT_CHANNELS.value,
@@ -133,7 +146,7 @@ def _resumed(model_dir, search, train):
         "train": {f: getattr(train, f) for f in stored["train"] if _flag_of("train", f) in given},
     }
     search = SearchConfig.from_dict({**stored["search"], **fields["search"]})
-    train = training.TrainConfig.from_dict({**stored["train"], **fields["train"]})
+    train = train_config.TrainConfig.from_dict({**stored["train"], **fields["train"]})
     stages = tuple(_STAGES.value) if "stages" in given else tuple(stored["stages"])
     seeds = _seeds(_SEEDS.value) if "seeds" in given else tuple(stored["seeds"])
     return search, train, stages, seeds
@@ -161,8 +174,8 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     search, train = _templates()
     stages, seeds = tuple(_STAGES.value), _seeds(_SEEDS.value)
-    model_dir = common.MODEL_DIR.value
-    if common.RESUME.value:
+    model_dir = _SHARED.model_dir.value
+    if _SHARED.resume.value:
         search, train, stages, seeds = _resumed(model_dir, search, train)
     config = roadmap.RoadmapConfig(
         output_dir=model_dir,
@@ -170,8 +183,8 @@ def main(argv):
         seeds=seeds,
         search=search,
         train=train,
-        resume=common.RESUME.value,
-        overwrite=common.OVERWRITE.value,
+        resume=_SHARED.resume.value,
+        overwrite=_SHARED.overwrite.value,
         verbose=_VERBOSE.value,
     )
     if not model_dir:

@@ -25,6 +25,20 @@ from absl import flags
 from pibconv_tf.model import search_spaces
 from pibconv_tf.search import run
 
+_SHARED = common.define(
+    "dataset",
+    "data_dir",
+    "image_size",
+    "seed",
+    "strategy",
+    "model_dir",
+    "resume",
+    "overwrite",
+    "mixed_precision",
+    "jit_compile",
+    *common.RUNTIME,
+)
+
 _SEARCH_SPACE = flags.DEFINE_string(
     "search_space",
     "pibconv",
@@ -80,16 +94,16 @@ _VERBOSE = flags.DEFINE_integer("verbose", 1, "Keras fit verbosity: 0 silent, 1 
 def main(argv):
     del argv
     config = {
-        "model_dir": common.MODEL_DIR.value,
-        "dataset": common.DATASET.value,
-        "data_dir": common.DATA_DIR.value,
-        "image_size": common.IMAGE_SIZE.value,
-        "seed": common.SEED.value,
-        "strategy": common.STRATEGY.value,
-        "resume": common.RESUME.value,
-        "overwrite": common.OVERWRITE.value,
-        "mixed_precision": common.MIXED_PRECISION.value,
-        "jit_compile": common.JIT_COMPILE.value,
+        "model_dir": _SHARED.model_dir.value,
+        "dataset": _SHARED.dataset.value,
+        "data_dir": _SHARED.data_dir.value,
+        "image_size": _SHARED.image_size.value,
+        "seed": _SHARED.seed.value,
+        "strategy": _SHARED.strategy.value,
+        "resume": _SHARED.resume.value,
+        "overwrite": _SHARED.overwrite.value,
+        "mixed_precision": _SHARED.mixed_precision.value,
+        "jit_compile": _SHARED.jit_compile.value,
         "search_space": _SEARCH_SPACE.value,
         "init_channels": _INIT_CHANNELS.value,
         "layers": _LAYERS.value,

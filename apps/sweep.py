@@ -17,7 +17,7 @@ from apps import train as train_app  # defines the training flags, shared with a
 from absl import flags, logging
 
 from pibconv_tf.experiments import sweep
-from pibconv_tf.train import run as training
+from pibconv_tf.train import config as train_config
 
 FLAGS = flags.FLAGS
 
@@ -34,7 +34,7 @@ def main(argv):
             overrides["layers"] = layer_counts
         config, layer_counts = sweep.resumed_sweep(values["model_dir"], overrides)
     else:
-        config = training.TrainConfig(layers=layer_counts[0], **values)
+        config = train_config.TrainConfig(layers=layer_counts[0], **values)
     try:
         rows = sweep.run_sweep(config, layer_counts)
     except KeyboardInterrupt:

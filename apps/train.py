@@ -19,7 +19,23 @@ import sys
 from absl import flags, logging
 
 from pibconv_tf.train import run as training
+
+from pibconv_tf.train import config as train_config
 from pibconv_tf.errors import UserInputError
+
+_SHARED = common.define(
+    "dataset",
+    "data_dir",
+    "image_size",
+    "seed",
+    "strategy",
+    "model_dir",
+    "resume",
+    "overwrite",
+    "mixed_precision",
+    "jit_compile",
+    *common.RUNTIME,
+)
 
 FLAGS = flags.FLAGS
 _GENOTYPE = flags.DEFINE_string(
@@ -109,8 +125,8 @@ def config_from_flags(layers):
         overrides = {name: values[name] for name in present}
         if FLAGS["layers"].present:
             overrides["layers"] = layers
-        return training.resumed_config(values["model_dir"], overrides)
-    return training.TrainConfig(layers=layers, **values)
+        return train_config.resumed_config(values["model_dir"], overrides)
+    return train_config.TrainConfig(layers=layers, **values)
 
 
 def interrupted(app, model_dir):

@@ -50,6 +50,7 @@ IMPLEMENTATIONS = ("depthwise", "grouped")
 TFLITE_IMPLEMENTATIONS = ("split", *IMPLEMENTATIONS)  # export_tflite.PIB_IMPLEMENTATIONS
 TFLITE_EXTRAS = ("bytes", "convert_seconds", "top1_agreement_with_fp32", "accuracy", "eval_images")
 GRAPH_OPTIMIZER_MODES = ("auto", "on", "off")  # distribute.GRAPH_OPTIMIZER_MODES
+CPU_KERNEL_MODES = ("auto", "on", "off")  # model.acceleration.MODES
 SEARCH_SPACES = ("darts", "darts_gelu", "darts_gelu_ln", "convnext", "pibconv")
 
 # The authors' PyTorch code on this CPU class (2 cores, AVX-512), from the project brief:
@@ -110,6 +111,8 @@ class BenchmarkConfig:
             processes (-1: auto, `distribute.configure_threads`; 0: TensorFlow's choice).
         graph_optimizer: TensorFlow's graph optimiser, "auto" (on with a GPU, off on a CPU),
             "on" or "off" (`distribute.configure_graph_optimizer`).
+        cpu_kernels: TensorFlow's CPU training kernels (`pibconv_tf.kernels`), "auto",
+            "on" or "off" (`model.acceleration`).
         seed: initialisation and data seed.
         output: JSON-lines file the records are appended to (None: none).
     """
@@ -149,6 +152,7 @@ class BenchmarkConfig:
     intra_op_threads: int = -1
     inter_op_threads: int = -1
     graph_optimizer: str = "auto"
+    cpu_kernels: str = "auto"
     seed: int = 0
     output: str | None = None
 
@@ -175,6 +179,7 @@ class BenchmarkConfig:
             ("tflite_implementation", TFLITE_IMPLEMENTATIONS),
             ("search_space", SEARCH_SPACES),
             ("graph_optimizer", GRAPH_OPTIMIZER_MODES),
+            ("cpu_kernels", CPU_KERNEL_MODES),
         ):
             if getattr(self, name) not in accepted:
                 raise UserInputError(
@@ -322,7 +327,11 @@ def run_benchmarks(config, on_record=None):
             on_record(record)
 
     threads = {"intra_op": config.intra_op_threads, "inter_op": config.inter_op_threads}
-    runtime = {"threads": threads, "graph_optimizer": config.graph_optimizer}
+    runtime = {
+        "threads": threads,
+        "graph_optimizer": config.graph_optimizer,
+        "cpu_kernels": config.cpu_kernels,
+    }
     with tempfile.TemporaryDirectory(prefix="pibconv_benchmark_") as workdir:
         for index, spec in enumerate(measurement_specs(config)):
             spec = {**spec, "workdir": os.path.join(workdir, str(index)), **runtime}
@@ -374,9 +383,11 @@ def run_measurement(spec, scope="measurement"):
         if spec["what"] == "tflite_timing":
             records = [_tflite_timing(spec["params"])]
         else:
-            from benchmarks import measures as benchmark_measures
-            from pibconv_tf import distribute  # noqa: PLC0415 (TensorFlow)
+            from benchmarks import measures  # noqa: PLC0415 (TensorFlow)
+            from pibconv_tf import distribute  # noqa: PLC0415
+            from pibconv_tf.model import acceleration  # noqa: PLC0415
 
+            acceleration.set_mode(spec.get("cpu_kernels", "auto"))
             intra, inter = distribute.configure_threads(
                 threads.get("intra_op", -1), threads.get("inter_op", -1)
             )
@@ -384,9 +395,10 @@ def run_measurement(spec, scope="measurement"):
             graph_optimizer = distribute.configure_graph_optimizer(
                 spec.get("graph_optimizer", "auto")
             )
-            records = benchmark_measures.MEASURES[spec["what"]](spec)
+            records = measures.MEASURES[spec["what"]](spec)
             for record in records:
                 record.setdefault("graph_optimizer", graph_optimizer)
+                record.setdefault("cpu_kernels", acceleration.enabled())
     except UserInputError:
         raise
     except Exception as error:  # noqa: BLE001 (one failed measurement must not stop the rest)

@@ -4,7 +4,7 @@ A standalone script, not a test: it times, in this process, each kernel the trai
 avoids against the form it takes instead, at the shapes of the PIBCONV evaluation network
 (batch 32, C = 36 / 72 / 144 at 32x32 / 16x16 / 8x8), one thread per operation as the apps
 run on small CPUs. Re-run it after a TensorFlow upgrade: if a ratio falls to 1 or below,
-the workaround in `pibconv_tf/backend_kernels.py` it justifies can go.
+the workaround in `pibconv_tf/kernels.py` it justifies can go.
 
 - batch_norm: the fused training BatchNorm, forward and forward + backward, on [N, H, W, C]
   against the same values viewed as [N H W, 1, 1, C] (taken when C % 16 != 0).
@@ -32,7 +32,7 @@ import tensorflow as tf
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from pibconv_tf.kernels import tensorflow_cpu as backend_kernels  # noqa: E402
+from pibconv_tf.kernels import tensorflow_cpu as kernels  # noqa: E402
 
 BATCH = 32
 
@@ -125,7 +125,7 @@ def depthwise_stride_1_cases():
             dy,
         )
         ours = _forward_backward(
-            lambda t, k, d=dilation: backend_kernels.depthwise_conv2d_training(t, k, 1, d),
+            lambda t, k, d=dilation: kernels.depthwise_conv2d_training(t, k, 1, d),
             x,
             w,
             dy,
@@ -162,7 +162,7 @@ def depthwise_stride_2_cases():
             dy,
         )
         ours = _forward_backward(
-            lambda t, k, p=pad: backend_kernels.depthwise_conv2d_training(t, k, 2, 1, p),
+            lambda t, k, p=pad: kernels.depthwise_conv2d_training(t, k, 2, 1, p),
             x,
             w,
             dy,

@@ -17,7 +17,9 @@ import tensorflow as tf
 from pibconv_tf import distribute
 from pibconv_tf.model import cells, genotypes
 from pibconv_tf.model.pib_conv import set_implementation
-from pibconv_tf.train import run as training
+from pibconv_tf.train import callbacks as train_callbacks
+from pibconv_tf.train import config as train_config
+from pibconv_tf.train import trainer as trainer_lib
 
 
 def benchmark_train_step(
@@ -61,7 +63,7 @@ def benchmark_train_step(
     name = genotype if isinstance(genotype, str) else _name(genotype)
     if isinstance(genotype, str):
         genotype = genotypes.load_genotype(genotype)
-    config = training.TrainConfig(
+    config = train_config.TrainConfig(
         init_channels=init_channels,
         layers=layers,
         batch_size=batch_size,
@@ -74,8 +76,8 @@ def benchmark_train_step(
     if warmup < 1 or steps < 1:
         raise ValueError(f"warmup and steps must be >= 1, got {warmup} and {steps}.")
     keras.utils.set_random_seed(seed)
-    with training.dtype_policy(mixed_precision):
-        network, trainer, _ = training.build_trainer(config, genotype, num_classes, image_size)
+    with train_callbacks.dtype_policy(mixed_precision):
+        network, trainer, _ = trainer_lib.build_trainer(config, genotype, num_classes, image_size)
         set_implementation(network, implementation)
         cells.set_drop_path_rate(network, 0.1)  # mid-ramp: drop path does work
         step = tf.function(trainer.train_step, jit_compile=jit_compile)

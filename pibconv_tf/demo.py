@@ -1,29 +1,29 @@
 """The whole job end to end: search -> train -> evaluate -> export -> edge run -> pictures.
 
-Each stage is one of the project's apps, run as a subprocess exactly as a user would type it
-(the command is printed first), so the demo doubles as a worked example of every app. The
-stages write into one directory; a failed stage stops the pipeline with its name.
+Each stage calls the library function behind one of the apps (the equivalent command is
+printed first, so the demo doubles as a worked example of every app), in this process: it
+works from an installed package as from a checkout. The stages write into one directory; a
+failed stage stops the demo with its name.
 """
 
+import contextlib
 import dataclasses
+import io
 import json
 import pathlib
-import shlex
-import subprocess
-import sys
 import time
 
+import keras
 import numpy as np
 
+from pibconv_tf import evaluation, runs
 from pibconv_tf.errors import RunError, UserInputError
 from pibconv_tf.runs import RunDir
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
-    """Settings of the end-to-end run (defaults: the embedded digits, ~10 min on 2 cores)."""
+    """Settings of the end-to-end run (defaults: the embedded digits, a few minutes on 2 cores)."""
 
     output_dir: str = "runs/demo"
     dataset: str = "digits"
@@ -46,8 +46,6 @@ class PipelineConfig:
     benchmark_runs: int = 100
     overwrite: bool = False
     verbose: int = 2
-    # Passed on to every TensorFlow app: e.g. ("--graph_optimizer=on", "--intra_op_threads=0").
-    runtime_flags: tuple[str, ...] = ()
 
     def validate(self):
         positive = [f.name for f in dataclasses.fields(self) if f.type is int and f.name != "seed"]
@@ -57,8 +55,11 @@ class PipelineConfig:
                 raise UserInputError(f"--{name} must be >= {minimum}, got {getattr(self, name)}.")
 
 
+EDGE_MODELS = ("model_fp32.tflite", "model_int8.tflite", "model_int8_mixed.tflite")
+
+
 class Pipeline:
-    """Runs the stages in order into `config.output_dir`, printing each command."""
+    """Runs the stages in order into `config.output_dir`, printing each equivalent command."""
 
     def __init__(self, config):
         self.config = config
@@ -68,117 +69,154 @@ class Pipeline:
     def path(self, *parts):
         return self.root.joinpath(*parts)
 
-    def app(self, stage, module, *args):
-        self.run(stage, [sys.executable, "-m", module, *args])
-
-    def run(self, stage, command):
-        shown = " ".join(shlex.quote(part) for part in command[1:])
-        print(f"\n=== [{stage}] python {shown}", flush=True)
+    @contextlib.contextmanager
+    def stage(self, name, command):
+        print(f"\n=== [{name}] python -m {command}", flush=True)
         start = time.perf_counter()
-        result = subprocess.run(command, cwd=REPO)
-        self.stage_seconds[stage] = round(time.perf_counter() - start, 1)
-        if result.returncode != 0:
-            raise RunError(
-                f"The {stage} stage failed (exit {result.returncode}); its output is above and "
-                f"its files are in {self.root}."
-            )
+        try:
+            yield
+        except (UserInputError, RunError) as error:
+            message = f"The {name} stage failed: {error} (its files are in {self.root})."
+            raise RunError(message) from error
+        finally:
+            self.stage_seconds[name] = round(time.perf_counter() - start, 1)
+            keras.backend.clear_session()  # the next stage builds other networks
 
-    def data_flags(self):
-        flags = [f"--dataset={self.config.dataset}", f"--seed={self.config.seed}"]
-        if self.config.data_dir:
-            flags.append(f"--data_dir={self.config.data_dir}")
-        return flags + list(self.config.runtime_flags)
+    def data_args(self):
+        c = self.config
+        args = f"--dataset={c.dataset} --seed={c.seed}"
+        return args + (f" --data_dir={c.data_dir}" if c.data_dir else "")
 
     def search(self):
+        from pibconv_tf.search import run as search_run  # noqa: PLC0415 (TensorFlow)
+        from pibconv_tf.search.config import SearchConfig  # noqa: PLC0415
+
         c = self.config
-        self.app(
-            "search",
-            "apps.search",
-            *self.data_flags(),
-            f"--model_dir={self.path('search')}",
-            f"--search_space={c.search_space}",
-            f"--epochs={c.search_epochs}",
-            f"--layers={c.search_layers}",
-            f"--init_channels={c.search_channels}",
-            f"--batch_size={c.search_batch_size}",
-            f"--steps_per_epoch={c.search_steps_per_epoch}",
-            f"--verbose={c.verbose}",
+        config = SearchConfig(
+            model_dir=str(self.path("search")),
+            dataset=c.dataset,
+            data_dir=c.data_dir,
+            seed=c.seed,
+            search_space=c.search_space,
+            epochs=c.search_epochs,
+            layers=c.search_layers,
+            init_channels=c.search_channels,
+            batch_size=c.search_batch_size,
+            steps_per_epoch=c.search_steps_per_epoch,
+            verbose=c.verbose,
         )
+        command = (
+            f"apps.search {self.data_args()} --model_dir={config.model_dir} "
+            f"--search_space={c.search_space} --epochs={c.search_epochs} "
+            f"--layers={c.search_layers} --init_channels={c.search_channels} "
+            f"--batch_size={c.search_batch_size} --steps_per_epoch={c.search_steps_per_epoch}"
+        )
+        with self.stage("search", command):
+            search_run.run_search(config)
 
     def train(self):
+        from pibconv_tf.train import run as train_run  # noqa: PLC0415 (TensorFlow)
+
         c = self.config
-        self.app(
-            "train",
-            "apps.train",
-            *self.data_flags(),
-            f"--genotype={self.path('search', 'genotype.json')}",
-            f"--model_dir={self.path('train')}",
-            f"--layers={c.train_layers}",
-            f"--init_channels={c.train_channels}",
-            f"--epochs={c.train_epochs}",
-            f"--batch_size={c.train_batch_size}",
-            f"--steps_per_epoch={c.train_steps_per_epoch}",
-            f"--verbose={c.verbose}",
+        config = train_run.TrainConfig(
+            genotype=str(self.path("search", runs.GENOTYPE)),
+            model_dir=str(self.path("train")),
+            dataset=c.dataset,
+            data_dir=c.data_dir,
+            seed=c.seed,
+            layers=c.train_layers,
+            init_channels=c.train_channels,
+            epochs=c.train_epochs,
+            batch_size=c.train_batch_size,
+            steps_per_epoch=c.train_steps_per_epoch,
+            verbose=c.verbose,
         )
+        command = (
+            f"apps.train {self.data_args()} --genotype={config.genotype} "
+            f"--model_dir={config.model_dir} --layers={c.train_layers} "
+            f"--init_channels={c.train_channels} --epochs={c.train_epochs} "
+            f"--batch_size={c.train_batch_size} --steps_per_epoch={c.train_steps_per_epoch}"
+        )
+        with self.stage("train", command):
+            train_run.train(config)
 
     def evaluate(self):
-        self.app(
-            "evaluate",
-            "apps.evaluate",
-            *self.data_flags(),
-            f"--model={self.path('train', 'model.keras')}",
-            f"--output={self.path('evaluate.json')}",
+        c = self.config
+        config = evaluation.EvaluateConfig(
+            model=str(self.path("train", runs.MODEL)),
+            dataset=c.dataset,
+            data_dir=c.data_dir,
+            seed=c.seed,
+            output=str(self.path("evaluate.json")),
         )
+        command = (
+            f"apps.evaluate {self.data_args()} --model={config.model} --output={config.output}"
+        )
+        with self.stage("evaluate", command):
+            print(json.dumps(evaluation.evaluate_file(config), indent=2, sort_keys=True))
 
     def export(self):
+        from pibconv_tf.deploy import export, tflite  # noqa: PLC0415 (TensorFlow)
+
         c = self.config
-        self.app(
-            "export",
-            "apps.export",
-            *self.data_flags(),
-            f"--model={self.path('train', 'model.keras')}",
-            f"--output_dir={self.path('export')}",
-            "--formats=saved_model,tflite_fp32,tflite_int8,tflite_int8_mixed",
-            f"--calibration_images={c.calibration_images}",
-            f"--parity_images={c.parity_images}",
-            f"--benchmark_runs={c.benchmark_runs}",
+        formats = ("saved_model", "tflite_fp32", "tflite_int8", "tflite_int8_mixed")
+        config = export.ExportConfig(
+            model=str(self.path("train", runs.MODEL)),
+            output_dir=str(self.path("export")),
+            formats=formats,
+            dataset=c.dataset,
+            data_dir=c.data_dir,
+            seed=c.seed,
+            calibration_images=c.calibration_images,
+            parity_images=c.parity_images,
+            benchmark_runs=c.benchmark_runs,
         )
+        command = (
+            f"apps.export {self.data_args()} --model={config.model} "
+            f"--output_dir={config.output_dir} --formats={','.join(formats)} "
+            f"--calibration_images={c.calibration_images} --parity_images={c.parity_images} "
+            f"--benchmark_runs={c.benchmark_runs}"
+        )
+        with self.stage("export", command):
+            report = export.export_model(config)
+            print(tflite.format_parity(report))
+            if "latency" in report:
+                print(tflite.format_latency(report["latency"]))
 
     def edge(self):
         """Runs the exported models with the TensorFlow-free runner, on image files."""
+        from edge import run_tflite  # noqa: PLC0415
+
         images = self.write_edge_images()
         export_dir = self.path("export")
-        for name in ("model_fp32.tflite", "model_int8.tflite", "model_int8_mixed.tflite"):
+        for name in EDGE_MODELS:
             model = export_dir / name
             if not model.exists():
                 raise RunError(f"The export stage wrote no {model}.")
-            stem = model.stem
-            labels = f"--labels={export_dir / 'labels.txt'}"
-            runner = [sys.executable, str(REPO / "edge" / "run_tflite.py"), f"--model={model}"]
-            self.run_captured(f"edge:{stem}", runner + [labels, "--json", *images], f"{stem}.json")
-            self.run_captured(
-                f"edge-benchmark:{stem}",
-                runner
-                + ["--benchmark", "--json", "--threads=2", f"--runs={self.config.benchmark_runs}"],
-                f"{stem}_benchmark.json",
-            )
-
-    def run_captured(self, stage, command, output_name):
-        shown = " ".join(shlex.quote(part) for part in command[1:])
-        print(f"\n=== [{stage}] python {shown}", flush=True)
-        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-        if result.returncode != 0:
-            sys.stderr.write(result.stderr)
-            raise RunError(f"The {stage} stage failed (exit {result.returncode}).")
-        print(result.stdout.strip())
-        out = self.path("edge", output_name)
-        out.write_text(result.stdout)
+            labels = export_dir / "labels.txt"
+            for mode, extra, output in (
+                ("classify", [f"--labels={labels}", *images], f"{model.stem}.json"),
+                (
+                    "benchmark",
+                    ["--benchmark", "--threads=2", f"--runs={self.config.benchmark_runs}"],
+                    f"{model.stem}_benchmark.json",
+                ),
+            ):
+                args = [f"--model={model}", "--json", *extra]
+                with self.stage(f"edge-{mode}:{model.stem}", f"edge.run_tflite {' '.join(args)}"):
+                    stdout = io.StringIO()
+                    with contextlib.redirect_stdout(stdout):
+                        status = run_tflite.main(args)
+                    if status != 0:
+                        raise RunError(f"the edge runner exited with status {status}")
+                    print(stdout.getvalue().strip())
+                    self.path("edge", output).write_text(stdout.getvalue())
 
     def write_edge_images(self):
         """Saves a few test images as PNG files, the way a device would receive them."""
-        from PIL import Image
+        from PIL import Image  # noqa: PLC0415
 
-        from pibconv_tf import data
+        from pibconv_tf import data  # noqa: PLC0415
 
         source = data.load_source(self.config.dataset, self.config.data_dir, seed=self.config.seed)
         images, labels = source.numpy("test", limit=self.config.edge_images)
@@ -193,20 +231,30 @@ class Pipeline:
         return paths
 
     def pictures(self):
-        self.app(
-            "gradcam",
-            "apps.gradcam",
-            *self.data_flags(),
-            f"--model={self.path('train')}",
-            f"--indices={','.join(str(i) for i in range(6))}",
-            f"--output={self.path('figures', 'gradcam.png')}",
+        from pibconv_tf.insight import gradcam, plots  # noqa: PLC0415
+
+        c = self.config
+        indices = list(range(6))
+        config = gradcam.GradcamConfig(
+            models=[str(self.path("train"))],
+            output=str(self.path("figures", "gradcam.png")),
+            dataset=c.dataset,
+            data_dir=c.data_dir,
+            seed=c.seed,
+            indices=indices,
         )
-        self.app(
-            "plot",
-            "apps.plot",
-            f"--search_dir={self.path('search')}",
-            f"--output_dir={self.path('figures')}",
+        command = (
+            f"apps.gradcam {self.data_args()} --model={config.models[0]} "
+            f"--indices={','.join(map(str, indices))} --output={config.output}"
         )
+        with self.stage("gradcam", command):
+            gradcam.run_gradcam(config)
+        figures = plots.PlotConfig(
+            output_dir=str(self.path("figures")), search_dir=str(self.path("search"))
+        )
+        command = f"apps.plot --search_dir={figures.search_dir} --output_dir={figures.output_dir}"
+        with self.stage("plot", command):
+            plots.make_figures(figures)
 
 
 STAGES = ("search", "train", "evaluate", "export", "edge", "pictures")
@@ -217,18 +265,33 @@ def run_pipeline(config):
     config.validate()
     RunDir.prepare(config.output_dir, resume=False, overwrite=config.overwrite)
     pipeline = Pipeline(config)
-    (pipeline.root / "config.json").write_text(
+    (pipeline.root / runs.CONFIG).write_text(
         json.dumps(dataclasses.asdict(config), indent=2) + "\n"
     )
     start = time.perf_counter()
     for stage in STAGES:
         getattr(pipeline, stage)()
     summary = summarize(pipeline.root)
+    summary["runtime"] = runtime_settings()
     summary["stage_seconds"] = pipeline.stage_seconds
     summary["total_seconds"] = round(time.perf_counter() - start, 1)
     (pipeline.root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print("\n" + format_summary(summary))
     return summary
+
+
+def runtime_settings():
+    """The thread pools, graph optimiser and CPU kernels the stages ran with."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    from pibconv_tf.model import acceleration  # noqa: PLC0415
+
+    threading = tf.config.threading
+    return {
+        "intra_op_threads": threading.get_intra_op_parallelism_threads(),
+        "inter_op_threads": threading.get_inter_op_parallelism_threads(),
+        "cpu_kernels": acceleration.enabled(),
+    }
 
 
 def _read_json(path):
@@ -244,8 +307,8 @@ def summarize(root):
         str(path)
         for path in root.rglob("*")
         if path.is_file()
-        and "checkpoints" not in path.parts
-        and "tensorboard" not in path.parts
+        and runs.CHECKPOINT_DIR not in path.parts
+        and runs.TENSORBOARD not in path.parts
         and "variables" not in path.parts
     )
     edge = {}
@@ -255,7 +318,7 @@ def summarize(root):
         path.name: path.stat().st_size for path in sorted((root / "export").glob("*.tflite"))
     }
     return {
-        "genotype": _read_json(root / "search" / "genotype.json"),
+        "genotype": _read_json(root / "search" / runs.GENOTYPE),
         "evaluation": evaluation,
         "parity": _read_json(root / "export" / "parity.json"),
         "tflite_bytes": tflite_sizes,

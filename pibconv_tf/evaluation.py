@@ -21,12 +21,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pibconv_tf import data
+from pibconv_tf import data, runs
 from pibconv_tf.errors import UserInputError
 from pibconv_tf.model import complexity, networks
-
-DATASET_JSON = "dataset.json"
-CONFIG_JSON = "config.json"
 
 
 @dataclasses.dataclass
@@ -162,10 +159,10 @@ def load_matching_source(config, model):
     """The evaluation data, with the training run's seed and normalisation when known."""
     model_size = model.input_shape[1]
     image_size = config.image_size or model_size
-    run = _side_file(config.model, CONFIG_JSON) or {}
+    run = _side_file(config.model, runs.CONFIG) or {}
     seed = config.seed if config.seed is not None else run.get("seed", 0)
     source = data.load_source(config.dataset, config.data_dir, image_size, seed)
-    trained = _side_file(config.model, DATASET_JSON)
+    trained = _side_file(config.model, runs.DATASET)
     if trained and trained.get("mean") and trained.get("std"):
         source.info = dataclasses.replace(
             source.info, mean=tuple(trained["mean"]), std=tuple(trained["std"])
@@ -193,7 +190,7 @@ def evaluate_file(config):
         "split": config.split,
         "seed": seed,
         "image_size": source.info.image_size,
-        "normalization": DATASET_JSON if from_run else "dataset statistics",
+        "normalization": runs.DATASET if from_run else "dataset statistics",
         **results,
         "params": counts["params"],
         "gmacs": counts["gmacs"],

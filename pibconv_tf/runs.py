@@ -25,8 +25,19 @@ import tensorflow as tf
 
 from pibconv_tf.errors import RunError, UserInputError
 
+# The names of the files in a run directory (search, training, sweeps, roadmaps).
+CONFIG = "config.json"  # the resolved configuration
 CHECKPOINT_DIR = "checkpoints"
-CONFIG = "config.json"
+METRICS = "metrics.jsonl"  # one line per epoch
+TENSORBOARD = "tensorboard"
+GENOTYPE = "genotype.json"  # a search's result; a training run's own copy
+GENOTYPES = "genotypes.jsonl"  # a search's genotype after every epoch
+ALPHAS = "alphas.npz"  # a search's softmax(alpha) after every epoch
+DATASET = "dataset.json"  # class names, mean and std of the training data
+MODEL = "model.keras"  # the trained logits-only float32 model
+BEST_MODEL = "model_best.keras"
+BEST = "best.json"  # the epoch and test top-1 of model_best.keras
+RESULT = "result.json"  # a finished training run's summary
 
 
 class RunDir:
@@ -145,9 +156,6 @@ def _umask():
 
 def write_json_atomic(path, data):
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-METRICS = "metrics.jsonl"
 
 
 def _python(value):

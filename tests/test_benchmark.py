@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import harness as benchmark
+from benchmarks import harness
 from pibconv_tf.deploy import latency as timing
 from pibconv_tf.errors import UserInputError
 
@@ -83,7 +83,7 @@ def test_app_measures_steps_inference_and_pipelines(tmp_path):
         ("search_step", None),
         ("train_step", None),
         ("train_step", None),  # mixed_float16: skipped on a CPU
-        *[("inference", mode) for mode in benchmark.INFERENCE_MODES],
+        *[("inference", mode) for mode in harness.INFERENCE_MODES],
         ("pipeline", "train"),
         ("pipeline", "search"),
     ]
@@ -152,10 +152,10 @@ def test_app_refuses_bad_input_in_one_sentence(tmp_path, flags, message):
 
 
 def test_specs_expand_sizes_and_variants():
-    config = benchmark.BenchmarkConfig(
+    config = harness.BenchmarkConfig(
         layers=(2, 10), precisions=("float32",), jit_compile_modes=(False, True), order=("first",)
     ).validate()
-    specs = benchmark.measurement_specs(config)
+    specs = harness.measurement_specs(config)
     whats = [s["what"] for s in specs]
     assert (
         whats
@@ -173,20 +173,20 @@ def test_specs_expand_sizes_and_variants():
 
 def test_config_rejects_bad_values():
     with pytest.raises(UserInputError, match="--precisions"):
-        benchmark.BenchmarkConfig(precisions=("float8",)).validate()
+        harness.BenchmarkConfig(precisions=("float8",)).validate()
     with pytest.raises(UserInputError, match="--warmup must be >= 1"):
-        benchmark.BenchmarkConfig(warmup=0).validate()
+        harness.BenchmarkConfig(warmup=0).validate()
     with pytest.raises(UserInputError, match="--search_space 'nas'"):
-        benchmark.BenchmarkConfig(search_space="nas").validate()
+        harness.BenchmarkConfig(search_space="nas").validate()
 
 
 def test_timing_figures_throughput_and_latency():
     seconds = {"seconds": [0.5, 0.25, 1.0], "cpu_seconds": [1.0, 0.5, 2.0]}
-    throughput = benchmark.timing_figures(seconds, batch_size=8)
+    throughput = harness.timing_figures(seconds, batch_size=8)
     assert throughput["unit"] == "images/s"
     assert (throughput["median"], throughput["min"], throughput["max"]) == (16.0, 8.0, 32.0)
     assert throughput["cpu_ms_per_call"]["median"] == 1000.0
-    latency = benchmark.timing_figures(seconds, batch_size=1, latency=True)
+    latency = harness.timing_figures(seconds, batch_size=1, latency=True)
     assert latency["unit"] == "ms"
     assert (latency["median"], latency["min"], latency["max"]) == (500.0, 250.0, 1000.0)
 
@@ -214,12 +214,12 @@ def _record(what, median, unit, **config):
 def test_pytorch_reference_matches_only_its_settings():
     base = dict(genotype="PIBCONV", layers=10, init_channels=36, batch_size=32)
     ours = _record("train_step", 23.4, "images/s", precision="float32", **base)
-    assert benchmark.pytorch_reference(ours) == {"value": 7.8, "unit": "images/s", "speedup": 3.0}
-    assert benchmark.pytorch_reference({**ours, "accelerator": "GPU"}) is None
+    assert harness.pytorch_reference(ours) == {"value": 7.8, "unit": "images/s", "speedup": 3.0}
+    assert harness.pytorch_reference({**ours, "accelerator": "GPU"}) is None
     other = _record("train_step", 23.4, "images/s", precision="float32", **{**base, "layers": 3})
-    assert benchmark.pytorch_reference(other) is None
+    assert harness.pytorch_reference(other) is None
     tflite = _record("tflite", 2.0, "ms", format="tflite_fp32", **{**base, "batch_size": 1})
-    assert benchmark.pytorch_reference(tflite)["speedup"] == 34.5  # 69 ms / 2 ms
+    assert harness.pytorch_reference(tflite)["speedup"] == 34.5  # 69 ms / 2 ms
 
 
 def test_table_lists_every_record_and_the_ratios():
@@ -231,8 +231,8 @@ def test_table_lists_every_record_and_the_ratios():
         _record("tflite", 2.0, "ms", format="tflite_int8", threads=1, batch_size=1, **net),
         {"what": "train_step", "status": "skipped", "reason": "needs a GPU", "config": net},
     ]
-    records = [benchmark.finish_record(r) for r in records]
-    table = benchmark.format_table(records)
+    records = [harness.finish_record(r) for r in records]
+    table = harness.format_table(records)
     assert len(table.splitlines()) == 2 + len(records) + 2 + 2
     assert "outruns train PIBCONV L=2 C=36 float32: 50.0x" in table
     assert "tflite_int8 PIBCONV L=2 C=36 threads=1: 2.00x the speed of fp32" in table
@@ -308,11 +308,11 @@ def test_configure_threads_sets_the_pools_before_the_runtime_starts(mode):
 
 
 def test_the_harness_knows_every_export_format_and_implementation():
-    # benchmark.py keeps its own copies (its parent process imports no TensorFlow).
-    from pibconv_tf.deploy import tflite as export_tflite
+    # harness.py keeps its own copies (its parent process imports no TensorFlow).
+    from pibconv_tf.deploy import tflite
 
-    assert benchmark.TFLITE_FORMATS == export_tflite.TFLITE_FORMATS
-    assert tuple(benchmark.TFLITE_IMPLEMENTATIONS) == tuple(export_tflite.PIB_IMPLEMENTATIONS)
+    assert harness.TFLITE_FORMATS == tflite.TFLITE_FORMATS
+    assert tuple(harness.TFLITE_IMPLEMENTATIONS) == tuple(tflite.PIB_IMPLEMENTATIONS)
 
 
 def test_an_app_refuses_a_bad_thread_count_before_writing(tmp_path):

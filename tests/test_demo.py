@@ -36,15 +36,18 @@ def demo_dir(tmp_path_factory):
         "--benchmark_runs=5",
         "--intra_op_threads=1",
         "--inter_op_threads=2",
+        "--cpu_kernels=off",
     ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "=== Summary" in result.stdout
-    # The runtime flags reach every TensorFlow app the demo starts.
+    # Every stage ran in this one process, with the runtime flags given to the demo.
     stages = [line for line in result.stdout.splitlines() if line.startswith("=== [")]
-    for stage in ("search", "train", "evaluate", "export"):
-        [line] = [line for line in stages if line.startswith(f"=== [{stage}]")]
-        assert "--intra_op_threads=1 --inter_op_threads=2" in line, line
+    for stage in ("search", "train", "evaluate", "export", "gradcam", "plot"):
+        assert any(line.startswith(f"=== [{stage}] python -m apps.") for line in stages), stage
+    runtime = json.loads((out / "summary.json").read_text())["runtime"]
+    assert (runtime["intra_op_threads"], runtime["inter_op_threads"]) == (1, 2)
+    assert runtime["cpu_kernels"] is False  # --cpu_kernels=off reached the stages
     return out
 
 
@@ -59,8 +62,16 @@ def test_demo_writes_every_artifact(demo_dir):
     assert np.load(demo_dir / "search" / "alphas.npz")["normal"].shape[0] == 1
 
     evaluation = json.loads((demo_dir / "evaluate.json").read_text())
-    assert evaluation["num_images"] == 360 and 0.0 <= evaluation["top1"] <= 1.0
+    assert evaluation["num_images"] == 360
     assert evaluation["params"] > 0 and evaluation["gmacs"] > 0
+    # The reported top-1 is the trained model's on the test split, as computed here.
+    model = keras.saving.load_model(demo_dir / "train" / "model.keras")
+    info = data.DatasetInfo.from_json_dict(
+        json.loads((demo_dir / "train" / "dataset.json").read_text())
+    )
+    images, labels = data.load_source("digits", seed=0).numpy("test")
+    logits = np.asarray(model.predict(data.normalize(images, info), verbose=0))
+    assert abs(evaluation["top1"] - float(np.mean(logits.argmax(-1) == labels))) < 1e-9
 
     parity = json.loads((demo_dir / "export" / "parity.json").read_text())["artifacts"]
     assert parity["tflite_fp32"]["max_abs_logit_diff"] <= 1e-4
@@ -101,3 +112,17 @@ def test_pictures_decode_and_are_not_blank(demo_dir):
             pixels = np.asarray(picture.convert("L"), np.float32)
         assert min(pixels.shape) > 100, name
         assert pixels.std() > 5 and pixels.min() < 200, f"{name} looks blank"
+
+
+def test_the_demo_runs_its_stages_in_process():
+    """So that it works from an installed package: no `python -m` subprocesses."""
+    import ast  # noqa: PLC0415
+
+    tree = ast.parse((REPO / "pibconv_tf" / "demo.py").read_text())
+    imported = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    } | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "subprocess" not in imported

@@ -12,7 +12,7 @@ from pibconv_tf import data, evaluation
 from pibconv_tf.errors import UserInputError
 from pibconv_tf.model import genotypes, networks
 from tests.test_case import TestCase
-from tests.test_training import run_app, temp_dir
+from tests.test_train import run_app, temp_dir
 
 SIZE = 8
 

@@ -13,6 +13,7 @@ from matplotlib import patches
 from matplotlib import pyplot as plt
 from PIL import Image
 
+from pibconv_tf import runs
 from pibconv_tf.errors import UserInputError
 from pibconv_tf.insight import plots
 from pibconv_tf.model import genotypes as G
@@ -41,7 +42,7 @@ def _write_search_dir(path, with_genotype=True):
     rng = np.random.default_rng(0)
     edges = sum(2 + node for node in range(STEPS))
     alphas = {cell: _softmax_history(rng, edges) for cell in plots.CELLS}
-    np.savez(path / plots.ALPHAS, primitives=np.array(PRIMITIVES), **alphas)
+    np.savez(path / runs.ALPHAS, primitives=np.array(PRIMITIVES), **alphas)
     history = []
     for epoch in range(EPOCHS):
         cells = {c: G.derive_cell(alphas[c][epoch], PRIMITIVES, STEPS) for c in plots.CELLS}
@@ -57,12 +58,12 @@ def _write_search_dir(path, with_genotype=True):
             "val_loss": 2.1 - 0.2 * epoch,
             "lr": 0.025,
         }
-        with open(path / plots.METRICS, "a") as stream:
+        with open(path / runs.METRICS, "a") as stream:
             stream.write(json.dumps(metrics) + "\n")
-        with open(path / plots.GENOTYPES, "a") as stream:
+        with open(path / runs.GENOTYPES, "a") as stream:
             stream.write(json.dumps({"epoch": epoch + 1, "genotype": genotype.to_dict()}) + "\n")
     if with_genotype:
-        (path / plots.GENOTYPE).write_text(history[-1].to_json())
+        (path / runs.GENOTYPE).write_text(history[-1].to_json())
     (path / "config.json").write_text(json.dumps({"layers": 3, "init_channels": 4}))
     return alphas, history
 
@@ -129,7 +130,7 @@ def test_alpha_panels_plot_the_stored_weights(search_dir):
 
 def test_search_curves_show_top1_error_in_percent(search_dir):
     path, _, _ = search_dir
-    figure = plots.plot_search_curves(plots.read_jsonl(path / plots.METRICS))
+    figure = plots.plot_search_curves(plots.read_jsonl(path / runs.METRICS))
     error_axis, loss_axis = figure.axes
     lines = {line.get_label(): line for line in error_axis.lines}
     assert set(lines) == {"train", "val"}
@@ -142,13 +143,13 @@ def test_search_curves_show_top1_error_in_percent(search_dir):
 def test_search_genotype_prefers_the_json_then_the_history_then_the_alphas(search_dir):
     path, alphas, history = search_dir
     assert plots.search_genotype(path) == history[-1]
-    (path / plots.GENOTYPE).write_text(G.PIBCONV.to_json())
+    (path / runs.GENOTYPE).write_text(G.PIBCONV.to_json())
     assert plots.search_genotype(path) == G.PIBCONV
-    os.remove(path / plots.GENOTYPE)
-    with open(path / plots.GENOTYPES, "a") as stream:
+    os.remove(path / runs.GENOTYPE)
+    with open(path / runs.GENOTYPES, "a") as stream:
         stream.write('{"epoch": 5, "genot')  # a line torn by a running search
     assert plots.search_genotype(path) == history[-1]
-    os.remove(path / plots.GENOTYPES)
+    os.remove(path / runs.GENOTYPES)
     derived = plots.search_genotype(path)
     assert derived.normal == G.derive_cell(alphas["normal"][-1], PRIMITIVES, STEPS)
     assert derived.search_space == "pibconv"

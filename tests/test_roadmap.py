@@ -15,9 +15,9 @@ from pibconv_tf.errors import UserInputError
 from pibconv_tf.experiments import roadmap
 from pibconv_tf.model.genotypes import Genotype
 from pibconv_tf.search.config import SearchConfig
-from pibconv_tf.train import run as training
+from pibconv_tf.train import config as train_config
 from tests.test_case import TestCase
-from tests.test_training import REPO, run_app, temp_dir
+from tests.test_train import REPO, run_app, temp_dir
 
 # Every stage searched and trained in seconds: 8x8 digits, 3 search cells of 1 node, C=4.
 _TINY = [
@@ -83,7 +83,7 @@ class StageRowsTest(TestCase):
         with self.assertRaisesRegex(UserInputError, "seed twice"):
             config(seeds=(1, 1)).validate()
         with self.assertRaisesRegex(UserInputError, "--learning_rate"):
-            config(train=training.TrainConfig(learning_rate=-1.0)).validate()
+            config(train=train_config.TrainConfig(learning_rate=-1.0)).validate()
         with self.assertRaisesRegex(UserInputError, "--layers"):
             config(search=SearchConfig(layers=2)).validate()
         config(stages=("pibconv_f3", "pibconv_gelu")).validate()

@@ -12,7 +12,7 @@ from pibconv_tf.experiments import sweep
 from pibconv_tf.model import complexity, genotypes, networks
 from pibconv_tf.train import run as training
 from tests.test_case import TestCase
-from tests.test_training import StopAfter, run_app, temp_dir, tiny_config
+from tests.test_train import StopAfter, run_app, temp_dir, tiny_config
 
 
 class TableTest(TestCase):

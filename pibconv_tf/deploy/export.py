@@ -39,7 +39,7 @@ import tensorflow as tf
 from absl import logging
 
 import pibconv_tf
-from pibconv_tf import data
+from pibconv_tf import data, runs
 from pibconv_tf.deploy import tflite
 from pibconv_tf.deploy.tflite import benchmark_tflite  # noqa: F401 (the benchmark app's entry)
 from pibconv_tf.errors import RunError, UserInputError
@@ -53,7 +53,6 @@ FORMATS = (SAVED_MODEL, *tflite.TFLITE_FORMATS)
 DEFAULT_PIB_IMPLEMENTATION = "split"
 SERVING_UINT8 = "serving_uint8"
 FP32_CHECKED = (SAVED_MODEL, f"{SAVED_MODEL}_uint8", "tflite_fp32")
-DATASET_JSON = "dataset.json"
 _MINIMUMS = {
     "calibration_images": 1,
     "parity_images": 1,
@@ -222,7 +221,7 @@ def resolve_serving_info(model, model_path, config, dataset_info=None):
     the dataset's; raises UserInputError if none gives mean and std."""
     image_size = int(model.input.shape[1])
     num_classes = int(model.output.shape[-1])
-    beside = pathlib.Path(model_path).parent / DATASET_JSON
+    beside = pathlib.Path(model_path).parent / runs.DATASET
     saved = _read_dataset_json(beside) if beside.is_file() else None
     candidates = [("dataset.json", saved), ("dataset", dataset_info)]
     if config.mean is not None and config.std is not None:
@@ -231,7 +230,7 @@ def resolve_serving_info(model, model_path, config, dataset_info=None):
         found = [(name, info) for name, info in candidates if info is not None]
         if not found:
             raise UserInputError(
-                f"No normalisation for --model {model_path!r}: no {DATASET_JSON} beside it; "
+                f"No normalisation for --model {model_path!r}: no {runs.DATASET} beside it; "
                 "pass --mean and --std (0..1 scale) or --dataset."
             )
         source, info = found[0]
@@ -407,7 +406,7 @@ def export_model(config):
     info = resolve_serving_info(model, config.model, config, source and source.info)
     calibration, images, labels = load_images(config, info, source)
     _clear(output_dir)
-    write_json_atomic(output_dir / "config.json", config.to_dict())
+    write_json_atomic(output_dir / runs.CONFIG, config.to_dict())
     write_text_atomic(output_dir / "labels.txt", "".join(f"{n}\n" for n in info.class_names))
     artifacts, outputs = _write_artifacts(config, info, calibration, images, output_dir)
     keras_logits = model.predict(info.normalize(images), batch_size=64, verbose=0)

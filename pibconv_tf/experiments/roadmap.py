@@ -33,13 +33,14 @@ import statistics
 
 import keras
 
-from pibconv_tf import evaluation
+from pibconv_tf import evaluation, runs
 from pibconv_tf.errors import UserInputError
 from pibconv_tf.experiments import sweep
 from pibconv_tf.model import complexity, search_spaces
 from pibconv_tf.runs import CONFIG, latest_checkpoint, write_text_atomic
 from pibconv_tf.search import run as search_run
 from pibconv_tf.search.config import SearchConfig
+from pibconv_tf.train import config as train_config
 from pibconv_tf.train import run as training
 
 STAGES = ("darts", "darts_gelu", "darts_gelu_ln", "convnext", "pibconv")
@@ -98,7 +99,7 @@ class RoadmapConfig:
     stages: tuple[str, ...] = STAGES
     seeds: tuple[int, ...] = (0,)
     search: SearchConfig = dataclasses.field(default_factory=SearchConfig)
-    train: training.TrainConfig = dataclasses.field(default_factory=training.TrainConfig)
+    train: train_config.TrainConfig = dataclasses.field(default_factory=train_config.TrainConfig)
     resume: bool = False
     overwrite: bool = False
     verbose: int = 1
@@ -186,7 +187,7 @@ def _check_resume(stored, given):
 
 def _search(config, stage, seed):
     path = run_dir(config.output_dir, stage, seed, "search")
-    genotype_path = os.path.join(path, search_run.GENOTYPE)
+    genotype_path = os.path.join(path, runs.GENOTYPE)
     if os.path.isfile(genotype_path):
         _log(config, f"  search: finished earlier ({path})")
         return genotype_path
@@ -213,7 +214,7 @@ def _stage_run(config, stage, seed):
     result = sweep.train_or_resume(train, path, lambda message: _log(config, f"  train: {message}"))
     counts = complexity.model_complexity(evaluation.load_model(result["model"]))
     search_dir = os.path.dirname(genotype_path)
-    search_metrics = _records(os.path.join(search_dir, "metrics.jsonl"))
+    search_metrics = _records(os.path.join(search_dir, runs.METRICS))
     with open(genotype_path) as stream:
         genotype = json.dumps(json.load(stream), separators=(",", ":"))
     return {
@@ -226,7 +227,7 @@ def _stage_run(config, stage, seed):
         "params_m": _significant(counts["params"] / 1e6),
         "gmacs": _significant(counts["gmacs"]),
         "search_seconds": _seconds(search_metrics),
-        "train_seconds": _seconds(_records(os.path.join(path, "metrics.jsonl"))),
+        "train_seconds": _seconds(_records(os.path.join(path, runs.METRICS))),
     }
 
 

@@ -20,10 +20,11 @@ import json
 import os
 import shutil
 
-from pibconv_tf import evaluation
+from pibconv_tf import evaluation, runs
 from pibconv_tf.errors import UserInputError
 from pibconv_tf.model import complexity
 from pibconv_tf.runs import CONFIG, RunDir, latest_checkpoint, write_text_atomic
+from pibconv_tf.train import config as train_config
 from pibconv_tf.train import run as training
 
 TABLE_MD = "table.md"
@@ -70,7 +71,7 @@ def resumed_sweep(model_dir, overrides):
     layer_counts = stored.pop("layers")
     if not isinstance(layer_counts, list):
         raise UserInputError(f"{path!r} is not the config.json of a sweep (no layers list).")
-    return training.TrainConfig.from_dict({**stored, "layers": layer_counts[0]}), layer_counts
+    return train_config.TrainConfig.from_dict({**stored, "layers": layer_counts[0]}), layer_counts
 
 
 def prepare_sweep_dir(path, resume, overwrite):
@@ -124,7 +125,7 @@ def run_sweep(config, layer_counts):
 def _check_resume(sweep_dir, config):
     """Refuses to continue a sweep with another genotype or run-defining setting."""
     stored = sweep_dir.read_json(CONFIG)
-    for name in ("genotype", *training.FIXED_ON_RESUME):
+    for name in ("genotype", *train_config.FIXED_ON_RESUME):
         if name != "layers" and stored.get(name) != getattr(config, name):
             raise UserInputError(
                 f"--{name}={getattr(config, name)!r} differs from the sweep being resumed in "
@@ -166,7 +167,7 @@ def train_or_resume(config, path, log=print):
 
 
 def _finished(path, epochs):
-    result_path = os.path.join(path, training.RESULT)
+    result_path = os.path.join(path, runs.RESULT)
     if not os.path.isfile(result_path):
         return None
     with open(result_path) as stream:

@@ -39,7 +39,10 @@ matplotlib.use("Agg")  # files only: never open a window
 from matplotlib import colormaps  # noqa: E402
 from matplotlib import pyplot as plt  # noqa: E402
 
-from pibconv_tf import data
+from pibconv_tf import (
+    data,
+    runs,  # noqa: E402
+)
 from pibconv_tf.errors import UserInputError  # noqa: E402
 from pibconv_tf.insight import plots  # noqa: E402 (networks registers the layers)
 from pibconv_tf.model import networks
@@ -48,8 +51,6 @@ from pibconv_tf.runs import write_json_atomic  # noqa: E402
 METHODS = ("gradcam", "gradcam++", "scorecam")
 TARGETS = ("predicted", "label")
 METHOD_NAMES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "scorecam": "Score-CAM"}
-MODEL_FILE = "model.keras"
-DATASET_FILE = "dataset.json"
 NO_LABEL = -1
 FEATURES = "gradcam_target"
 
@@ -79,10 +80,10 @@ def model_path(spec):
     """The `.keras` file of `spec`: the file itself, or `model.keras` inside a run directory."""
     path = pathlib.Path(spec)
     if path.is_dir():
-        path = path / MODEL_FILE
+        path = path / runs.MODEL
     if not path.is_file() or path.suffix != ".keras":
         raise UserInputError(
-            f"Model {spec!r} is neither a .keras file nor a directory holding {MODEL_FILE}."
+            f"Model {spec!r} is neither a .keras file nor a directory holding {runs.MODEL}."
         )
     return path
 
@@ -100,14 +101,14 @@ def load_classifier(spec, label=None):
     if len(model.inputs) != 1 or len(model.input_shape) != 4:
         raise UserInputError(f"Model {str(path)!r} does not take one batch of images.")
     info = None
-    info_path = path.parent / DATASET_FILE
+    info_path = path.parent / runs.DATASET
     if info_path.is_file():
         try:
             info = data.DatasetInfo.from_json_dict(json.loads(info_path.read_text()))
         except (ValueError, KeyError, TypeError) as error:
             raise UserInputError(f"{str(info_path)!r} is not a valid dataset.json.") from error
     if label is None:
-        label = path.parent.name if path.name == MODEL_FILE and path.parent.name else path.stem
+        label = path.parent.name if path.name == runs.MODEL and path.parent.name else path.stem
     return Classifier(model, str(path), label, info)
 
 

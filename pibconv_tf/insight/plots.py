@@ -32,15 +32,12 @@ matplotlib.use("Agg")  # files only: never open a window
 from matplotlib import patches, ticker  # noqa: E402
 from matplotlib import pyplot as plt  # noqa: E402
 
+from pibconv_tf import runs  # noqa: E402
 from pibconv_tf.errors import UserInputError  # noqa: E402
 from pibconv_tf.model import genotypes as genotypes_lib  # noqa: E402
 from pibconv_tf.model import search_spaces  # noqa: E402
 from pibconv_tf.runs import CONFIG, write_json_atomic  # noqa: E402
 
-ALPHAS = "alphas.npz"
-GENOTYPE = "genotype.json"
-GENOTYPES = "genotypes.jsonl"
-METRICS = "metrics.jsonl"
 TABLE = "table.csv"
 FORMATS = ("png", "svg", "pdf")
 CELLS = ("normal", "reduce")
@@ -83,12 +80,12 @@ def state_name(index):
 
 def read_alphas(search_dir):
     """{"normal", "reduce": float [epochs, edges, ops], "primitives": [names]}."""
-    path = pathlib.Path(search_dir) / ALPHAS
+    path = pathlib.Path(search_dir) / runs.ALPHAS
     if not pathlib.Path(search_dir).is_dir():
         raise UserInputError(f"--search_dir {str(search_dir)!r} is not a directory.")
     if not path.is_file():
         raise UserInputError(
-            f"Search directory {str(search_dir)!r} has no {ALPHAS}; the search has not "
+            f"Search directory {str(search_dir)!r} has no {runs.ALPHAS}; the search has not "
             "finished an epoch yet, or this is not a search directory."
         )
     try:
@@ -141,10 +138,10 @@ def search_genotype(search_dir, alphas=None):
     """The search's genotype: genotype.json, else the last of genotypes.jsonl, else derived
     from the last epoch's alphas."""
     search_dir = pathlib.Path(search_dir)
-    if (search_dir / GENOTYPE).is_file():
-        return genotypes_lib.Genotype.from_json((search_dir / GENOTYPE).read_text())
-    if (search_dir / GENOTYPES).is_file():
-        records = read_jsonl(search_dir / GENOTYPES)
+    if (search_dir / runs.GENOTYPE).is_file():
+        return genotypes_lib.Genotype.from_json((search_dir / runs.GENOTYPE).read_text())
+    if (search_dir / runs.GENOTYPES).is_file():
+        records = read_jsonl(search_dir / runs.GENOTYPES)
         if records:
             record = records[-1]
             return genotypes_lib.Genotype.from_dict(record.get("genotype", record))
@@ -529,7 +526,7 @@ def genotype_label(spec):
     if spec in genotypes_lib.NAMED_GENOTYPES:
         return spec
     path = pathlib.Path(spec)
-    return path.parent.name if path.name == GENOTYPE and path.parent.name else path.stem
+    return path.parent.name if path.name == runs.GENOTYPE and path.parent.name else path.stem
 
 
 def search_figures(search_dir, edges=None):
@@ -541,11 +538,11 @@ def search_figures(search_dir, edges=None):
         )
         for cell in CELLS
     }
-    metrics = pathlib.Path(search_dir) / METRICS
+    metrics = pathlib.Path(search_dir) / runs.METRICS
     if metrics.is_file() and read_jsonl(metrics):
         figures["search_curves"] = plot_search_curves(read_jsonl(metrics))
     else:
-        logging.warning("%s has no %s: no search curves.", search_dir, METRICS)
+        logging.warning("%s has no %s: no search curves.", search_dir, runs.METRICS)
     genotype = search_genotype(search_dir, alphas)
     name = pathlib.Path(search_dir).resolve().name
     figures["cells_search"] = plot_cells(genotype, f"Searched genotype ({name})")[0]

@@ -22,20 +22,12 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from pibconv_tf import data as data_lib
-from pibconv_tf import distribute, optim
-from pibconv_tf import runs as callbacks_lib
-from pibconv_tf import runs as rundir
+from pibconv_tf import data, distribute, optim, runs
 from pibconv_tf.errors import UserInputError
 from pibconv_tf.model.search_network import SearchNetwork, build_network
 from pibconv_tf.optim import TorchAdam
 from pibconv_tf.search.config import SearchConfig
 from pibconv_tf.search.trainer import SearchTrainer
-
-GENOTYPE = "genotype.json"
-GENOTYPES = "genotypes.jsonl"
-ALPHAS = "alphas.npz"
-TENSORBOARD = "tensorboard"
 
 
 class ArchitectureLogger(keras.callbacks.Callback):
@@ -43,7 +35,7 @@ class ArchitectureLogger(keras.callbacks.Callback):
     to `alphas.npz` (rewritten atomically). Epochs whose alphas are not finite are skipped.
 
     Args:
-        run_dir: a `rundir.RunDir`.
+        run_dir: a `runs.RunDir`.
         network: the `SearchNetwork`.
         history: {"normal": [...], "reduce": [...]} of earlier epochs (when resuming).
     """
@@ -59,10 +51,12 @@ class ArchitectureLogger(keras.callbacks.Callback):
         if not all(np.isfinite(w).all() for w in weights.values()):
             return
         genotype = self.network.genotype()
-        self.run_dir.append_jsonl(GENOTYPES, {"epoch": epoch + 1, "genotype": genotype.to_dict()})
+        self.run_dir.append_jsonl(
+            runs.GENOTYPES, {"epoch": epoch + 1, "genotype": genotype.to_dict()}
+        )
         for kind in ("normal", "reduce"):
             self.history[kind].append(weights[kind])
-        write_alphas(self.run_dir.file(ALPHAS), self.history, self.network.primitives)
+        write_alphas(self.run_dir.file(runs.ALPHAS), self.history, self.network.primitives)
         logging.info("Epoch %d genotype: %s", epoch + 1, genotype)
 
 
@@ -131,7 +125,7 @@ def _build(config, num_classes, strategy, steps_per_epoch):
 
 
 def _check_resumable(run_dir, config):
-    saved = run_dir.read_json(rundir.CONFIG) if run_dir.file(rundir.CONFIG).exists() else {}
+    saved = run_dir.read_json(runs.CONFIG) if run_dir.file(runs.CONFIG).exists() else {}
     for key, value in config.to_dict().items():
         if key in SearchConfig.RESUME_MAY_CHANGE or key not in saved:
             continue
@@ -150,13 +144,13 @@ def _restore(run_dir, manager, epoch, network):
         "Resuming %s from %s after epoch %d.", run_dir.path, manager.latest_checkpoint, done
     )
     print(f"Resuming from {manager.latest_checkpoint} after epoch {done}.")
-    for name in (callbacks_lib.METRICS, GENOTYPES):
+    for name in (runs.METRICS, runs.GENOTYPES):
         run_dir.truncate_jsonl(name, lambda record: record["epoch"] <= done)
     history = {"normal": [], "reduce": []}
-    if run_dir.file(ALPHAS).exists():
-        saved = read_alphas(run_dir.file(ALPHAS))
+    if run_dir.file(runs.ALPHAS).exists():
+        saved = read_alphas(run_dir.file(runs.ALPHAS))
         history = {kind: saved[kind][:done] for kind in ("normal", "reduce")}
-        write_alphas(run_dir.file(ALPHAS), history, network.primitives)
+        write_alphas(run_dir.file(runs.ALPHAS), history, network.primitives)
     return done, history
 
 
@@ -180,18 +174,18 @@ def run_search(config):
     strategy = distribute.get_strategy(config.strategy)
     # Before the pipeline: tf.data's shuffle seeds combine the global seed and their own.
     keras.utils.set_random_seed(config.seed)
-    source = data_lib.load_source(config.dataset, config.data_dir, config.image_size, config.seed)
-    dataset, steps_per_epoch = data_lib.search_pipeline(
+    source = data.load_source(config.dataset, config.data_dir, config.image_size, config.seed)
+    dataset, steps_per_epoch = data.search_pipeline(
         source, config.batch_size, config.train_portion, config.seed
     )
     if config.steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
-    run_dir = rundir.RunDir.prepare(config.model_dir, config.resume, config.overwrite)
+    run_dir = runs.RunDir.prepare(config.model_dir, config.resume, config.overwrite)
     if run_dir.resumed:
         _check_resumable(run_dir, config)
     else:
         run_dir.write_json(
-            rundir.CONFIG,
+            runs.CONFIG,
             {
                 **config.to_dict(),
                 "dataset_info": source.info.to_json_dict(),
@@ -223,13 +217,13 @@ def _search(config, run_dir, strategy, dataset, steps_per_epoch, info):
     manager = run_dir.checkpoint_manager(**trackables)
     done, history = _restore(run_dir, manager, epoch, network) if run_dir.resumed else (0, None)
     last = min(config.epochs, config.stop_after_epoch or config.epochs)
-    stop = callbacks_lib.StopOnNonFinite()
+    stop = runs.StopOnNonFinite()
     callbacks = [
         stop,
-        callbacks_lib.EpochLogger(run_dir, extra=lambda e: {"lr": schedule.at_epoch(e)}),
+        runs.EpochLogger(run_dir, extra=lambda e: {"lr": schedule.at_epoch(e)}),
         ArchitectureLogger(run_dir, network, history),
-        keras.callbacks.TensorBoard(str(run_dir.file(TENSORBOARD))),
-        callbacks_lib.EpochCheckpoint(manager, epoch),  # last: records first, then the state
+        keras.callbacks.TensorBoard(str(run_dir.file(runs.TENSORBOARD))),
+        runs.EpochCheckpoint(manager, epoch),  # last: records first, then the state
     ]
     if done < last:
         # One endless stream; a resumed run skips the batches of the epochs already done.
@@ -243,10 +237,10 @@ def _search(config, run_dir, strategy, dataset, steps_per_epoch, info):
             shuffle=False,  # the pipeline shuffles
             verbose=config.verbose,
         )
-    stop.check(run_dir.file(rundir.CHECKPOINT_DIR))
+    stop.check(run_dir.file(runs.CHECKPOINT_DIR))
     genotype = network.genotype()
     if last == config.epochs:
-        run_dir.write_json(GENOTYPE, genotype.to_dict())
+        run_dir.write_json(runs.GENOTYPE, genotype.to_dict())
     else:
         print(f"Stopped after epoch {last} of {config.epochs}; continue with --resume.")
     return genotype

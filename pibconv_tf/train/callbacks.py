@@ -13,10 +13,8 @@ import keras
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
+from pibconv_tf import runs
 from pibconv_tf.model import cells
-
-BEST_MODEL = "model_best.keras"
-BEST = "best.json"
 
 
 @contextlib.contextmanager
@@ -157,9 +155,9 @@ class BestModelSaver(keras.callbacks.Callback):
         if accuracy is None or self.model.stop_training:
             return
         if self.best is None or accuracy > self.best["test_accuracy"]:
-            self.export.save(self.run_dir.file(BEST_MODEL))
+            self.export.save(self.run_dir.file(runs.BEST_MODEL))
             self.best = {"epoch": epoch + 1, "test_accuracy": accuracy}
-            self.run_dir.write_json(BEST, self.best)
+            self.run_dir.write_json(runs.BEST, self.best)
 
 
 class ScalarSummaries(keras.callbacks.Callback):

@@ -19,10 +19,13 @@ import pytest
 import tensorflow as tf
 
 from benchmarks import train_step as train_benchmark
-from pibconv_tf import data, optim
+from pibconv_tf import data, optim, runs
 from pibconv_tf.errors import RunError, UserInputError
 from pibconv_tf.model import cells, genotypes, networks
+from pibconv_tf.train import callbacks as train_callbacks
+from pibconv_tf.train import config as train_config
 from pibconv_tf.train import run as training
+from pibconv_tf.train import trainer as trainer_lib
 from tests.test_case import TestCase
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,7 +71,7 @@ def tiny_config(model_dir, **overrides):
         model_dir=str(model_dir),
         verbose=0,
     )
-    return training.TrainConfig(**{**values, **overrides})
+    return train_config.TrainConfig(**{**values, **overrides})
 
 
 def digits_batch(count=32, size=8):
@@ -95,7 +98,7 @@ class TrainerTest(TestCase):
         network = networks.network_cifar(
             genotypes.PIBCONV, init_channels=8, layers=1, auxiliary=True, image_size=SIZE
         )
-        trainer = training.AuxiliaryTrainer(network, auxiliary_weight=0.4)
+        trainer = trainer_lib.AuxiliaryTrainer(network, auxiliary_weight=0.4)
         optimizer = optim.TorchSGD(0.05, 0.9, global_clipnorm=5.0)
         trainer.compile(optimizer=optimizer)
         optimizer.build(network.trainable_variables)  # else the first step traces twice
@@ -117,12 +120,12 @@ class TrainerTest(TestCase):
         aux = float(ce(labels, outputs["aux_logits"]))
         self.assertNotAlmostEqual(main, aux, places=3)
         for weight in (0.0, 0.4, 1.5):
-            trainer = training.AuxiliaryTrainer(network, auxiliary_weight=weight)
+            trainer = trainer_lib.AuxiliaryTrainer(network, auxiliary_weight=weight)
             loss, logits = trainer.losses_of(labels, outputs)
             self.assertAllClose(loss, main + weight * aux, atol=1e-5, rtol=1e-5)
             self.assertAllClose(logits, outputs["logits"])
         # The compiled train step reports the same loss (lr 0 keeps the weights put).
-        trainer = training.AuxiliaryTrainer(network, auxiliary_weight=0.4)
+        trainer = trainer_lib.AuxiliaryTrainer(network, auxiliary_weight=0.4)
         trainer.compile(optimizer=optim.TorchSGD(0.0))
         logs = trainer.train_on_batch(images, labels, return_dict=True)
         self.assertAllClose(logs["loss"], main + 0.4 * aux, atol=1e-5, rtol=1e-5)
@@ -130,7 +133,7 @@ class TrainerTest(TestCase):
     def test_auxiliary_weight_zero_builds_no_head(self):
         images, labels = digits_batch(8)
         config = tiny_config(None, auxiliary_weight=0.0)
-        network, trainer, _ = training.build_trainer(config, genotypes.PIBCONV, 10, SIZE)
+        network, trainer, _ = trainer_lib.build_trainer(config, genotypes.PIBCONV, 10, SIZE)
         self.assertNotIsInstance(network.output, dict)
         logits = network(images, training=True)
         loss, _ = trainer.losses_of(labels, logits)
@@ -171,12 +174,12 @@ class TrainerTest(TestCase):
     def test_export_is_logits_only_float32_and_round_trips(self):
         images, labels = digits_batch(8)
         config = tiny_config(None, mixed_precision="mixed_bfloat16")
-        with training.dtype_policy(config.mixed_precision):
-            network, trainer, _ = training.build_trainer(config, genotypes.PIBCONV, 10, SIZE)
+        with train_callbacks.dtype_policy(config.mixed_precision):
+            network, trainer, _ = trainer_lib.build_trainer(config, genotypes.PIBCONV, 10, SIZE)
         trainer.train_on_batch(images, labels)
         cells.set_drop_path_rate(network, 0.3)
         info = data.load_source("digits", image_size=SIZE).info
-        export = training.ModelExport(
+        export = train_callbacks.ModelExport(
             network, lambda: training._inference_network(config, genotypes.PIBCONV, info)
         )
         path = os.path.join(temp_dir(self), "model.keras")
@@ -202,7 +205,7 @@ class TrainerTest(TestCase):
             ("mixed_precision", "float8"),
         ):
             with self.assertRaisesRegex(UserInputError, field):
-                training.TrainConfig(**{field: value}).validate()
+                train_config.TrainConfig(**{field: value}).validate()
 
     def test_benchmark_train_step(self):
         stats = train_benchmark.benchmark_train_step(
@@ -218,12 +221,12 @@ class TrainerTest(TestCase):
         self.assertGreater(stats["first_step_seconds"], stats["seconds_per_step"])
 
     def test_schedules(self):
-        config = training.TrainConfig(epochs=600)
-        schedule = training.lr_schedule(config)
+        config = train_config.TrainConfig(epochs=600)
+        schedule = trainer_lib.lr_schedule(config)
         self.assertAllClose(schedule.at_epoch(0), 0.025)
         self.assertAllClose(schedule.at_epoch(300), 0.0125, atol=1e-7)
-        self.assertAllClose(training.drop_path_rate(config, 300), 0.1)
-        self.assertEqual(training.drop_path_rate(config, 0), 0.0)
+        self.assertAllClose(trainer_lib.drop_path_rate(config, 300), 0.1)
+        self.assertEqual(trainer_lib.drop_path_rate(config, 0), 0.0)
 
 
 class TrainRunTest(TestCase):
@@ -236,7 +239,7 @@ class TrainRunTest(TestCase):
             training.train(
                 tiny_config(root / "split", eval_every=2), extra_callbacks=[StopAfter(1)]
             )
-        self.assertFalse((root / "split" / training.MODEL).exists())
+        self.assertFalse((root / "split" / runs.MODEL).exists())
         with self.assertRaisesRegex(UserInputError, "layers"):
             training.train(tiny_config(root / "split", layers=2, resume=True))
         resumed = training.train(tiny_config(root / "split", eval_every=2, resume=True))
@@ -265,7 +268,7 @@ class TrainRunTest(TestCase):
         root = Path(temp_dir(self))
         training.train(tiny_config(root, epochs=1))
         before = {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()}
-        build = training.build_trainer
+        build = trainer_lib.build_trainer
 
         def build_other_layers(*args, **kwargs):  # as a later version with a new layer
             network, trainer, optimizer = build(*args, **kwargs)
@@ -290,7 +293,7 @@ class TrainRunTest(TestCase):
         config = tiny_config(root / "run", learning_rate=1e12, grad_clip=0.0, epochs=3)
         with self.assertRaisesRegex(RunError, "non-finite"):
             training.train(config)
-        self.assertFalse((root / "run" / training.MODEL).exists())
+        self.assertFalse((root / "run" / runs.MODEL).exists())
 
 
 MIRRORED_SCRIPT = """
@@ -303,7 +306,7 @@ from pibconv_tf import distribute
 from pibconv_tf.model import genotypes
 from pibconv_tf.train import run as training
 distribute.configure_graph_optimizer("auto")  # as the apps: no Grappler on a CPU
-config = training.TrainConfig(init_channels=4, layers=1, grad_clip=0.01, weight_decay=3e-4)
+config = train_config.TrainConfig(init_channels=4, layers=1, grad_clip=0.01, weight_decay=3e-4)
 source = data.load_source("digits", image_size=8)
 images, labels = source.numpy("train", limit=8)
 images = data.normalize(images, source.info).numpy()
@@ -311,7 +314,7 @@ images = data.normalize(images, source.info).numpy()
 def build(strategy):
     keras.utils.set_random_seed(0)
     with strategy.scope():
-        return training.build_trainer(config, genotypes.PIBCONV, 10, 8)
+        return trainer_lib.build_trainer(config, genotypes.PIBCONV, 10, 8)
 
 # Reference: the mean of the two half-batch gradients (each with its own batch statistics,
 # as on two devices), clipped as a whole, then PyTorch's first SGD step.

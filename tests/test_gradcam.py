@@ -14,7 +14,7 @@ from tf_keras_vis.utils.scores import CategoricalScore
 
 from pibconv_tf import data
 from pibconv_tf.errors import UserInputError
-from pibconv_tf.insight import gradcam as visualize
+from pibconv_tf.insight import gradcam
 from pibconv_tf.model import genotypes as G
 from pibconv_tf.model import networks
 
@@ -75,14 +75,14 @@ def square_model(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", visualize.METHODS)
+@pytest.mark.parametrize("method", gradcam.METHODS)
 def test_map_peaks_inside_the_square(square_model, method):
     model, info, (images, labels, corners), _ = square_model
     x = data.normalize(images, info).numpy()
-    accuracy = np.mean(visualize.predict_probabilities(model, x).argmax(-1) == labels)
+    accuracy = np.mean(gradcam.predict_probabilities(model, x).argmax(-1) == labels)
     assert accuracy > 0.9, "the network did not learn the task; the test would be void"
     positive = np.flatnonzero(labels == 1)[:16]
-    maps = visualize.class_activation_maps(model, x[positive], labels[positive], method=method)
+    maps = gradcam.class_activation_maps(model, x[positive], labels[positive], method=method)
     assert maps.shape == (len(positive), SIZE, SIZE)
     assert maps.min() >= 0.0 and maps.max() <= 1.0 + 1e-6
     # A map blind to the evidence would hit the 8x8 square (grown to 10x10) ~10% of the time.
@@ -94,7 +94,7 @@ def test_head_only_gradcam_equals_tf_keras_vis_on_the_whole_network():
     model = networks.network_cifar(G.PIBCONV, num_classes=3, init_channels=8, layers=2)
     x = np.random.default_rng(1).normal(size=(4, SIZE, SIZE, 3)).astype(np.float32)
     classes = [0, 1, 2, 1]
-    ours = visualize.class_activation_maps(model, x, classes, expand=False)
+    ours = gradcam.class_activation_maps(model, x, classes, expand=False)
     layer = networks.last_cell_name(model)
     theirs = Gradcam(model, clone=False)(
         CategoricalScore(classes),
@@ -110,21 +110,21 @@ def test_head_only_gradcam_equals_tf_keras_vis_on_the_whole_network():
 
 def test_inner_layer_falls_back_to_the_whole_network():
     model = networks.network_cifar(G.PIBCONV, num_classes=3, init_channels=8, layers=3)
-    assert visualize.split_at(model, "cell_1") is None  # cell_2 also reads cell_0
-    assert visualize.split_at(model, "cell_2") is not None
+    assert gradcam.split_at(model, "cell_1") is None  # cell_2 also reads cell_0
+    assert gradcam.split_at(model, "cell_2") is not None
     x = np.random.default_rng(2).normal(size=(2, SIZE, SIZE, 3)).astype(np.float32)
-    maps = visualize.class_activation_maps(model, x, [0, 2], layer="cell_1")
+    maps = gradcam.class_activation_maps(model, x, [0, 2], layer="cell_1")
     assert maps.shape == (2, SIZE, SIZE) and np.isfinite(maps).all()
 
 
 def test_resolve_layer():
     model = networks.network_cifar(G.PIBCONV, num_classes=3, init_channels=4, layers=3)
-    assert visualize.resolve_layer(model) == "cell_2"
-    assert visualize.resolve_layer(model, "cell_0") == "cell_0"
+    assert gradcam.resolve_layer(model) == "cell_2"
+    assert gradcam.resolve_layer(model, "cell_0") == "cell_0"
     with pytest.raises(UserInputError, match="Layer 'nope' is not in model"):
-        visualize.resolve_layer(model, "nope")
+        gradcam.resolve_layer(model, "nope")
     with pytest.raises(UserInputError, match="needs a spatial"):
-        visualize.resolve_layer(model, "logits")
+        gradcam.resolve_layer(model, "logits")
 
 
 def test_read_image_files(tmp_path):
@@ -132,15 +132,15 @@ def test_read_image_files(tmp_path):
     Image.fromarray(np.full((20, 30, 3), 200, np.uint8)).save(good)
     gray = tmp_path / "gray.jpg"
     Image.fromarray(np.full((40, 40), 50, np.uint8)).save(gray)
-    images = visualize.read_image_files([str(good), str(gray)], 16)
+    images = gradcam.read_image_files([str(good), str(gray)], 16)
     assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
     assert abs(int(images[0].mean()) - 200) <= 1 and abs(int(images[1].mean()) - 50) <= 2
     broken = tmp_path / "broken.png"
     broken.write_text("not an image")
     with pytest.raises(UserInputError, match="cannot be decoded"):
-        visualize.read_image_files([str(broken)], 16)
+        gradcam.read_image_files([str(broken)], 16)
     with pytest.raises(UserInputError, match="does not exist"):
-        visualize.read_image_files([str(tmp_path / "missing.png")], 16)
+        gradcam.read_image_files([str(tmp_path / "missing.png")], 16)
 
 
 def test_run_gradcam_on_dataset_images_targets_labels(tmp_path):
@@ -149,7 +149,7 @@ def test_run_gradcam_on_dataset_images_targets_labels(tmp_path):
     run.mkdir()
     model = networks.network_cifar(G.DARTS_V2, num_classes=10, init_channels=4, layers=2)
     model.save(run / "model.keras")  # no dataset.json: mean/std come from --dataset
-    config = visualize.GradcamConfig(
+    config = gradcam.GradcamConfig(
         models=[str(run)],
         output=str(tmp_path / "out" / "grid.png"),
         dataset="digits",
@@ -157,7 +157,7 @@ def test_run_gradcam_on_dataset_images_targets_labels(tmp_path):
         target="label",
         upsample=48,
     )
-    summary = visualize.run_gradcam(config)
+    summary = gradcam.run_gradcam(config)
     maps = np.load(summary["maps"])
     _, labels = data.load_source("digits").numpy("test", limit=8)
     np.testing.assert_array_equal(maps["labels"], labels[[3, 0, 7, 1]])
@@ -215,7 +215,7 @@ def test_app_on_image_files_finds_the_squares(square_model, tmp_path):
     assert result.returncode == 0, result.stderr
     maps = np.load(output.with_suffix(".npz"))
     assert maps["maps"].shape == (2, 3, SIZE, SIZE)
-    assert np.all(maps["labels"] == visualize.NO_LABEL)
+    assert np.all(maps["labels"] == gradcam.NO_LABEL)
     assert np.all(maps["predictions"] == 1)
     assert _peak_in_square(maps["maps"][0], corners[chosen]) == 1.0
     picture = np.asarray(Image.open(output).convert("RGB"))
