@@ -3,6 +3,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 DATASET ?= digits
 DEMO_DIR ?= runs/demo
 DEMO_ARGS ?=
@@ -12,20 +13,26 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: install test lint format demo table1 clean
 
-$(STAMP): requirements.txt requirements-test.txt setup.py
+# What the package and `make demo` need (requirements.txt); `make test` adds the test tools
+# of requirements-test.txt (pytest, ruff, PyTorch for the parity tests, JAX's CPU build).
+$(STAMP): requirements.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements-test.txt
+	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
+$(TEST_STAMP): $(STAMP) requirements-test.txt requirements-jax.txt
+	$(PY) -m pip install --quiet -r requirements-test.txt
+	touch $(TEST_STAMP)
+
 install: $(STAMP)
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-format: $(STAMP)
+format: $(TEST_STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 

@@ -3,7 +3,7 @@
 python -m apps.complexity --genotype=DARTS_V2,PIBCONV --layers=20,15,10,8,7,6,5,4,3,2 \
     --init_channels=36 --format=table
 
-GMACs follow ptflops' convention (see pibconv_tf/complexity.py); parameters leave out the
+GMACs follow ptflops' convention (see pibconv_tf/model/complexity.py); parameters leave out the
 auxiliary head, as the paper does.
 """
 

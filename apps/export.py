@@ -11,7 +11,7 @@ The exported models take raw RGB pixels (0..255) and normalise inside with the s
 `dataset.json` next to the model (or --mean/--std, or the --dataset's). --dataset supplies the
 calibration images of the int8 formats (train split) and the parity images (test split); without
 it, parity runs on random pixels and the int8 formats cannot be built (the default --formats then
-leave them out). Outputs are listed in pibconv_tf/export.py and docs/export.md. Float32
+leave them out). Outputs are listed in pibconv_tf/deploy/export.py and docs/export.md. Float32
 artifacts that differ from Keras fail the export (exit 1).
 """
 

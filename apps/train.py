@@ -9,7 +9,7 @@ python -m apps.train --genotype=PIBCONV --dataset=digits --layers=2 --init_chann
 Defaults are the paper's recipe (600 epochs, batch 96, lr 0.025 cosine to 0, momentum 0.9,
 weight decay 3e-4, clip 5, cutout 16, drop path 0.2, auxiliary weight 0.4). `--resume
 --model_dir=DIR` continues a run with its stored configuration; outputs are listed in
-`pibconv_tf/training.py` (`train`).
+`pibconv_tf/train/run.py` (`train`).
 """
 
 from apps import common  # noqa: I001 (first: quiets TensorFlow before it loads)
@@ -53,6 +53,12 @@ _MOMENTUM = flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
 _WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 3e-4, "Coupled (L2) weight decay.")
 _GRAD_CLIP = flags.DEFINE_float("grad_clip", 5.0, "Gradient global-norm clip (0: off).")
 _CUTOUT_LENGTH = flags.DEFINE_integer("cutout_length", 16, "Cutout square side (0: off).")
+_RANDAUGMENT = flags.DEFINE_float(
+    "randaugment",
+    0.0,
+    "Magnitude (0..1] of keras-cv's RandAugment (2 ops per image) before crop, flip and "
+    "cutout; 0 (default): DARTS' recipe without it.",
+)
 _DROP_PATH_PROB = flags.DEFINE_float(
     "drop_path_prob", 0.2, "Final drop path rate, ramped linearly from 0 over the epochs."
 )
@@ -85,6 +91,7 @@ CONFIG_FLAGS = (
     "weight_decay",
     "grad_clip",
     "cutout_length",
+    "randaugment",
     "drop_path_prob",
     "auxiliary_weight",
     "eval_every",

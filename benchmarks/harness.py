@@ -14,7 +14,7 @@ print(format_table(records))
 ```
 
 This module imports neither TensorFlow nor Keras: the measurements live in
-`pibconv_tf.benchmark_measures`, loaded by the worker processes.
+`benchmarks.measures`, loaded by the worker processes.
 """
 
 import dataclasses

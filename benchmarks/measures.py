@@ -1,4 +1,4 @@
-"""The measurements of `pibconv_tf.benchmark`, run inside its worker processes.
+"""The measurements of `benchmarks.harness`, run inside its worker processes.
 
 Each measurement takes a spec {"what", "params", "workdir"} and returns a list of records
 {"what", "config", "status", figures...}; `benchmark.finish_record` adds the common keys.

@@ -1,8 +1,9 @@
 """CPU benchmark of a PyTorch re-statement of the derived PIBCONV network (NetworkCIFAR).
 
 A standalone script, not a test: it times, on this machine, the authors' PyTorch form of the
-network that `pibconv_tf.networks.network_cifar(genotypes.PIBCONV, ...)` builds, so that our
-TensorFlow figures can be compared with PyTorch on the same CPU.
+network that `pibconv_tf.model.networks.network_cifar(genotypes.PIBCONV, ...)` builds (the
+re-statement of tests/authors_code.py, which the parity tests check against ours), so that
+our TensorFlow figures can be compared with PyTorch on the same CPU.
 
 - Parameter check: the trainable parameter count of the PyTorch network, with and without
   the auxiliary head, against our Keras model's (computed in a subprocess, so TensorFlow is
@@ -33,267 +34,37 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# The PIBCONV genotype of pibconv_tf/genotypes.py, restated so that this process never
-# imports TensorFlow; `keras_counts` checks that the two agree.
-PIBCONV = {
-    "normal": (
-        ("pib_conv_3x3", 0),
-        ("pib_conv_5x5", 1),
-        ("pib_conv_3x3", 0),
-        ("pib_conv_3x3", 2),
-        ("pib_conv_3x3", 2),
-        ("pib_conv_3x3", 1),
-        ("pib_conv_3x3", 1),
-        ("pib_conv_3x3", 3),
-    ),
-    "normal_concat": (2, 3, 4, 5),
-    "reduce": (
-        ("avg_pool_3x3", 0),
-        ("pib_conv_5x5", 1),
-        ("avg_pool_3x3", 0),
-        ("dil_conv_5x5", 2),
-        ("avg_pool_3x3", 0),
-        ("skip_connect", 2),
-        ("pib_conv_3x3", 3),
-        ("pib_conv_3x3", 0),
-    ),
-    "reduce_concat": (2, 3, 4, 5),
-}
+from tests import authors_code
 
-STEM_MULTIPLIER = 3
+STEM_MULTIPLIER = authors_code.STEM_MULTIPLIER
 DEFAULT_STEPS = {2: 10, 10: 5, 20: 3}
 
 
-# --------------------------------------------------------------------------------------
-# The network, as the authors' DARTS / PIBConv PyTorch code writes it.
-# --------------------------------------------------------------------------------------
-
-
-class Identity(nn.Module):
-    def forward(self, x):
-        return x
-
-
-class ReLUConvBN(nn.Module):
-    """ReLU, kxk convolution (no bias), BatchNorm: the cells' 1x1 preprocessing."""
-
-    def __init__(self, c_in, c_out, kernel_size, stride, padding, affine=True):
-        super().__init__()
-        self.op = nn.Sequential(
-            nn.ReLU(inplace=False),
-            nn.Conv2d(c_in, c_out, kernel_size, stride, padding, bias=False),
-            nn.BatchNorm2d(c_out, affine=affine),
-        )
+class PseudoInvBnDepthwise(authors_code.PseudoInvBn):
+    """The released PseudoInvBn with its grouped convolution computed as a depthwise
+    convolution over the 2C expanded channels and a sum of each group's channel pair (the
+    form of our TensorFlow code; the same weight, the same numbers)."""
 
     def forward(self, x):
-        return self.op(x)
+        dw, bn, expand, grouped, act, project = self.op
+        x = expand(bn(dw(x)))
+        weight = grouped.weight  # input channel 2g + i of group g meets [g, i]
+        channels, pairs, k = weight.shape[0], weight.shape[1], weight.shape[-1]
+        y = F.conv2d(x, weight.reshape(channels * pairs, 1, k, k), None, 1, k // 2, 1, x.shape[1])
+        n, _, h, w = y.shape
+        return project(act(y.reshape(n, channels, pairs, h, w).sum(dim=2)))
 
 
-class FactorizedReduce(nn.Module):
-    """ReLU, two offset 1x1 stride-2 convolutions to c_out // 2 each, concat, BatchNorm."""
-
-    def __init__(self, c_in, c_out, affine=True):
-        super().__init__()
-        self.relu = nn.ReLU(inplace=False)
-        self.conv_1 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, padding=0, bias=False)
-        self.conv_2 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, padding=0, bias=False)
-        self.bn = nn.BatchNorm2d(c_out, affine=affine)
-
-    def forward(self, x):
-        x = self.relu(x)
-        shifted = F.pad(x[:, :, 1:, 1:], (0, 1, 0, 1))
-        return self.bn(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1))
-
-
-class DilConv(nn.Module):
-    """ReLU (as the released PIBConv code), dilated depthwise kxk, 1x1, BatchNorm."""
-
-    def __init__(self, c, kernel_size, stride, dilation=2, affine=True):
-        super().__init__()
-        padding = dilation * (kernel_size - 1) // 2
-        self.op = nn.Sequential(
-            nn.ReLU(inplace=False),
-            nn.Conv2d(c, c, kernel_size, stride, padding, dilation, groups=c, bias=False),
-            nn.Conv2d(c, c, 1, bias=False),
-            nn.BatchNorm2d(c, affine=affine),
-        )
-
-    def forward(self, x):
-        return self.op(x)
-
-
-class Conv7x1x7(nn.Module):
-    """ReLU, 1x7 conv (stride (1, s)), 7x1 conv (stride (s, 1)), BatchNorm."""
-
-    def __init__(self, c, stride, affine=True):
-        super().__init__()
-        self.op = nn.Sequential(
-            nn.ReLU(inplace=False),
-            nn.Conv2d(c, c, (1, 7), stride=(1, stride), padding=(0, 3), bias=False),
-            nn.Conv2d(c, c, (7, 1), stride=(stride, 1), padding=(3, 0), bias=False),
-            nn.BatchNorm2d(c, affine=affine),
-        )
-
-    def forward(self, x):
-        return self.op(x)
-
-
-class PIBConv(nn.Module):
-    """depthwise kxk (stride s) -> BN -> 1x1 C -> 2C -> grouped kxk 2C -> C (groups C) ->
-    GELU -> 1x1 C -> C, no biases.
-
-    `depthwise=True` computes the grouped convolution as a depthwise convolution over the
-    2C expanded channels and a sum of each group's channel pair (same weight, same numbers).
-    """
-
-    def __init__(self, c, kernel_size, stride, expansion=2, depthwise=False, affine=True):
-        super().__init__()
-        pad = kernel_size // 2
-        self.c, self.expansion, self.pad = c, expansion, pad
-        self.depthwise = depthwise
-        self.dw = nn.Conv2d(c, c, kernel_size, stride, pad, groups=c, bias=False)
-        self.bn = nn.BatchNorm2d(c, affine=affine)
-        self.pw_expand = nn.Conv2d(c, expansion * c, 1, bias=False)
-        self.grouped = nn.Conv2d(
-            expansion * c, c, kernel_size, 1, pad, groups=c, bias=False
-        )  # weight (C, F, k, k)
-        self.act = nn.GELU()
-        self.pw_project = nn.Conv2d(c, c, 1, bias=False)
-
-    def forward(self, x):
-        x = self.pw_expand(self.bn(self.dw(x)))
-        if self.depthwise:
-            weight = self.grouped.weight  # input channel F*g + i of group g meets [g, i]
-            k = weight.shape[-1]
-            fc = self.expansion * self.c
-            y = F.conv2d(x, weight.reshape(fc, 1, k, k), None, 1, self.pad, 1, fc)
-            n, _, h, w = y.shape
-            x = y.reshape(n, self.c, self.expansion, h, w).sum(dim=2)
-        else:
-            x = self.grouped(x)
-        return self.pw_project(self.act(x))
-
-
-def make_op(name, c, stride, depthwise=False, affine=True):
-    """DARTS' `OPS[name](C, stride, affine)` for the pibconv space (without `none`)."""
-    if name == "skip_connect":
-        return Identity() if stride == 1 else FactorizedReduce(c, c, affine)
-    if name == "avg_pool_3x3":
-        return nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False)
-    if name == "max_pool_3x3":
-        return nn.MaxPool2d(3, stride=stride, padding=1)
-    if name == "conv_7x1_1x7":
-        return Conv7x1x7(c, stride, affine)
-    kernel = int(name.rsplit("_", 1)[1].split("x")[0])
-    if name.startswith("pib_conv"):
-        return PIBConv(c, kernel, stride, depthwise=depthwise, affine=affine)
-    if name.startswith("dil_conv"):
-        return DilConv(c, kernel, stride, affine=affine)
-    raise ValueError(f"operation {name!r} is not restated here")
-
-
-def drop_path(x, rate):
-    """DARTS' drop path (out of place): one Bernoulli(1 - rate) draw per sample."""
-    keep = 1.0 - rate
-    mask = torch.empty(x.shape[0], 1, 1, 1, dtype=x.dtype).bernoulli_(keep)
-    return x * mask / keep
-
-
-class Cell(nn.Module):
-    def __init__(self, genotype, c_prev_prev, c_prev, c, reduction, reduction_prev, depthwise):
-        super().__init__()
-        if reduction_prev:
-            self.preprocess0 = FactorizedReduce(c_prev_prev, c)
-        else:
-            self.preprocess0 = ReLUConvBN(c_prev_prev, c, 1, 1, 0)
-        self.preprocess1 = ReLUConvBN(c_prev, c, 1, 1, 0)
-        key = "reduce" if reduction else "normal"
-        edges = genotype[key]
-        self.indices = [index for _, index in edges]
-        self.concat = list(genotype[f"{key}_concat"])
-        self.multiplier = len(self.concat)
-        self.ops = nn.ModuleList(
-            make_op(name, c, 2 if reduction and index < 2 else 1, depthwise)
-            for name, index in edges
-        )
-
-    def forward(self, s0, s1, drop_prob):
-        states = [self.preprocess0(s0), self.preprocess1(s1)]
-        for node in range(len(self.ops) // 2):
-            total = None
-            for position in (2 * node, 2 * node + 1):
-                op = self.ops[position]
-                h = op(states[self.indices[position]])
-                if self.training and drop_prob > 0 and not isinstance(op, Identity):
-                    h = drop_path(h, drop_prob)
-                total = h if total is None else total + h
-            states.append(total)
-        return torch.cat([states[i] for i in self.concat], dim=1)
-
-
-class AuxiliaryHeadCIFAR(nn.Module):
-    """DARTS' auxiliary head, for an 8x8 input."""
-
-    def __init__(self, c, num_classes):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.ReLU(inplace=True),
-            nn.AvgPool2d(5, stride=3, padding=0, count_include_pad=False),
-            nn.Conv2d(c, 128, 1, bias=False),
-            nn.BatchNorm2d(128),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(128, 768, 2, bias=False),
-            nn.BatchNorm2d(768),
-            nn.ReLU(inplace=True),
-        )
-        self.classifier = nn.Linear(768, num_classes)
-
-    def forward(self, x):
-        x = self.features(x)
-        return self.classifier(x.view(x.size(0), -1))
-
-
-class NetworkCIFAR(nn.Module):
-    def __init__(self, c, num_classes, layers, auxiliary, genotype=PIBCONV, depthwise=False):
-        super().__init__()
-        self.layers = layers
-        self.auxiliary = auxiliary
-        self.drop_path_prob = 0.0
-        c_curr = STEM_MULTIPLIER * c
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, c_curr, 3, padding=1, bias=False), nn.BatchNorm2d(c_curr)
-        )
-        c_prev_prev, c_prev, c_curr = c_curr, c_curr, c
-        reductions = {layers // 3, 2 * layers // 3}
-        self.aux_index = 2 * layers // 3
-        self.cells = nn.ModuleList()
-        reduction_prev = False
-        c_aux = None
-        for i in range(layers):
-            reduction = i in reductions
-            if reduction:
-                c_curr *= 2
-            cell = Cell(genotype, c_prev_prev, c_prev, c_curr, reduction, reduction_prev, depthwise)
-            reduction_prev = reduction
-            self.cells.append(cell)
-            c_prev_prev, c_prev = c_prev, cell.multiplier * c_curr
-            if i == self.aux_index:
-                c_aux = c_prev
-        if auxiliary:
-            self.auxiliary_head = AuxiliaryHeadCIFAR(c_aux, num_classes)
-        self.global_pooling = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(c_prev, num_classes)
-
-    def forward(self, x):
-        logits_aux = None
-        s0 = s1 = self.stem(x)
-        for i, cell in enumerate(self.cells):
-            s0, s1 = s1, cell(s0, s1, self.drop_path_prob)
-            if i == self.aux_index and self.auxiliary and self.training:
-                logits_aux = self.auxiliary_head(s1)
-        out = self.global_pooling(s1)
-        logits = self.classifier(out.view(out.size(0), -1))
-        return logits, logits_aux
+def NetworkCIFAR(c, num_classes, layers, auxiliary, depthwise=False):  # noqa: N802
+    """The released NetworkCIFAR with the PIBCONV genotype (`depthwise`: see above)."""
+    return authors_code.NetworkCIFAR(
+        c,
+        num_classes,
+        layers,
+        auxiliary,
+        authors_code.PIBCONV,
+        pib_conv=PseudoInvBnDepthwise if depthwise else None,
+    )
 
 
 def count_parameters(model):
@@ -314,10 +85,10 @@ def keras_counts_main(layer_list, channels):
 
     ours = genotypes.PIBCONV
     same = (
-        tuple(map(tuple, ours.normal)) == PIBCONV["normal"]
-        and tuple(ours.normal_concat) == PIBCONV["normal_concat"]
-        and tuple(map(tuple, ours.reduce)) == PIBCONV["reduce"]
-        and tuple(ours.reduce_concat) == PIBCONV["reduce_concat"]
+        tuple(map(tuple, ours.normal)) == tuple(map(tuple, authors_code.PIBCONV.normal))
+        and tuple(ours.normal_concat) == tuple(authors_code.PIBCONV.normal_concat)
+        and tuple(map(tuple, ours.reduce)) == tuple(map(tuple, authors_code.PIBCONV.reduce))
+        and tuple(ours.reduce_concat) == tuple(authors_code.PIBCONV.reduce_concat)
     )
     counts = {"genotype_matches": same}
     for layers in layer_list:
@@ -484,7 +255,7 @@ def main():
     print(f"torch {torch.__version__}, load average {load_average()}")
     ours = None if args.skip_keras else keras_counts(layer_list, args.channels)
     if ours is not None:
-        print(f"genotype matches pibconv_tf.genotypes.PIBCONV: {ours['genotype_matches']}")
+        print(f"genotype matches pibconv_tf.model.genotypes.PIBCONV: {ours['genotype_matches']}")
     print(f"{'layers':>6} {'aux':>4} {'torch params':>13} {'keras params':>13} {'match':>6}")
     all_match = True
     for layers in layer_list:

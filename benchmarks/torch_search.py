@@ -7,11 +7,11 @@ search figures can be compared with PyTorch on the same CPU.
 - The search network follows DARTS' `model_search.py`: stem 3x3 conv 3 -> 3C + BatchNorm,
   `layers` cells with reductions at layers//3 and 2*layers//3, cells of 4 nodes whose 14
   edges are MixedOps (softmax(alpha)-weighted sums of the 10 operations of the pibconv
-  space, non-affine BatchNorm, pools followed by a non-affine BatchNorm), global average
-  pooling and a linear classifier. The convolutional operations use GELU (the pibconv
-  space); PIBConv's grouped kxk 2C -> C convolution is PyTorch's grouped convolution (the
-  authors' form). The `none` operation is computed as DARTS does (`x.mul(0.)`, weighted
-  and summed) unless `--skip-none` is given.
+  space, non-affine BatchNorm, the pools alone), global average pooling and a linear
+  classifier: the released PIBConv code, re-stated in tests/authors_code.py (ReLU in the
+  dilated and 7x1-1x7 convolutions, GELU in PIBConv, whose grouped kxk 2C -> C convolution
+  is PyTorch's grouped convolution). The `none` operation is computed as DARTS does
+  (`x.mul(0.)`, weighted and summed) unless `--skip-none` is given.
 - The step follows DARTS' `train_search.py` / `architect.py`: the architecture update on
   the validation batch (first order: `loss.backward()` of L_val; second order: the unrolled
   model built with `model.new()` and `load_state_dict`, and the finite-difference
@@ -43,150 +43,29 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# The operations, helpers and Keras-side subprocess of the derived-network benchmark (this
-# script's directory is on sys.path when it runs as a script).
-from benchmarks import torch_network as derived
 from benchmarks.torch_network import count_parameters, load_average, subprocess_json
-
-PIBCONV_PRIMITIVES = (
-    "none",
-    "skip_connect",
-    "pib_conv_3x3",
-    "pib_conv_5x5",
-    "pib_conv_7x7",
-    "dil_conv_3x3",
-    "dil_conv_5x5",
-    "conv_7x1_1x7",
-    "max_pool_3x3",
-    "avg_pool_3x3",
-)
+from tests import authors_code
 
 
-# --------------------------------------------------------------------------------------
-# Operations (search setting: affine=False norms; the released PIBConv code's ops).
-# --------------------------------------------------------------------------------------
-
-
-class Zero(nn.Module):
-    """DARTS' `none`: zeros by a multiply, subsampled at stride 2."""
-
-    def __init__(self, stride):
-        super().__init__()
-        self.stride = stride
-
-    def forward(self, x):
-        if self.stride == 1:
-            return x.mul(0.0)
-        return x[:, :, :: self.stride, :: self.stride].mul(0.0)
-
-
-def make_op(name, c, stride, affine):
-    """DARTS' `OPS[name](C, stride, affine)` for the pibconv space, `none` included."""
-    if name == "none":
-        return Zero(stride)
-    return derived.make_op(name, c, stride, affine=affine)
-
-
-# --------------------------------------------------------------------------------------
-# The search network (DARTS' model_search.py).
-# --------------------------------------------------------------------------------------
-
-
-class MixedOp(nn.Module):
-    def __init__(self, c, stride, skip_none):
-        super().__init__()
-        self.indices = []
-        self.ops = nn.ModuleList()
-        for index, name in enumerate(PIBCONV_PRIMITIVES):
-            if skip_none and name == "none":
-                continue
-            # The released PIBConv MixedOp applies the pools alone (DARTS' adds a BatchNorm).
-            op = make_op(name, c, stride, False)
-            self.indices.append(index)
-            self.ops.append(op)
-
-    def forward(self, x, weights):
-        return sum(weights[index] * op(x) for index, op in zip(self.indices, self.ops, strict=True))
-
-
-class SearchCell(nn.Module):
-    def __init__(self, steps, multiplier, c_pp, c_p, c, reduction, reduction_prev, skip_none):
-        super().__init__()
-        self.reduction = reduction
-        if reduction_prev:
-            self.preprocess0 = derived.FactorizedReduce(c_pp, c, affine=False)
-        else:
-            self.preprocess0 = derived.ReLUConvBN(c_pp, c, 1, 1, 0, affine=False)
-        self.preprocess1 = derived.ReLUConvBN(c_p, c, 1, 1, 0, affine=False)
-        self.steps = steps
-        self.multiplier = multiplier
-        self.ops = nn.ModuleList()
-        for node in range(steps):
-            for source in range(2 + node):
-                stride = 2 if reduction and source < 2 else 1
-                self.ops.append(MixedOp(c, stride, skip_none))
-
-    def forward(self, s0, s1, weights):
-        states = [self.preprocess0(s0), self.preprocess1(s1)]
-        offset = 0
-        for _ in range(self.steps):
-            s = sum(self.ops[offset + j](h, weights[offset + j]) for j, h in enumerate(states))
-            offset += len(states)
-            states.append(s)
-        return torch.cat(states[-self.multiplier :], dim=1)
-
-
-class SearchNetwork(nn.Module):
-    """DARTS' `Network`; the alphas are plain tensors, not registered parameters."""
+class SearchNetwork(authors_code.SearchNetwork):
+    """The released `model_search.Network` (tests/authors_code.py) with what its architect
+    uses: `new()`, `loss()`, `arch_parameters()` and alphas drawn as 1e-3 * N(0, 1)."""
 
     def __init__(self, c, num_classes, layers, steps=4, multiplier=4, skip_none=False):
-        super().__init__()
-        self.c, self.num_classes, self.layers = c, num_classes, layers
-        self.steps, self.multiplier, self.skip_none = steps, multiplier, skip_none
-        c_curr = derived.STEM_MULTIPLIER * c
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, c_curr, 3, padding=1, bias=False), nn.BatchNorm2d(c_curr)
-        )
-        c_pp, c_p, c_curr = c_curr, c_curr, c
-        self.cells = nn.ModuleList()
-        reduction_prev = False
-        for index in range(layers):
-            reduction = index in (layers // 3, 2 * layers // 3)
-            if reduction:
-                c_curr *= 2
-            cell = SearchCell(
-                steps, multiplier, c_pp, c_p, c_curr, reduction, reduction_prev, skip_none
-            )
-            reduction_prev = reduction
-            self.cells.append(cell)
-            c_pp, c_p = c_p, multiplier * c_curr
-        self.global_pooling = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(c_p, num_classes)
-        edges = sum(2 + i for i in range(steps))
-        ops = len(PIBCONV_PRIMITIVES)
-        self.alphas_normal = (1e-3 * torch.randn(edges, ops)).requires_grad_(True)
-        self.alphas_reduce = (1e-3 * torch.randn(edges, ops)).requires_grad_(True)
+        super().__init__(c, num_classes, layers, steps, multiplier, skip_none=skip_none)
+        self.args = (c, num_classes, layers, steps, multiplier, skip_none)
+        self.alphas_normal = (1e-3 * torch.randn(self.alphas_normal.shape)).requires_grad_(True)
+        self.alphas_reduce = (1e-3 * torch.randn(self.alphas_reduce.shape)).requires_grad_(True)
 
     def arch_parameters(self):
         return [self.alphas_normal, self.alphas_reduce]
 
     def new(self):
         """A fresh network with copies of the alphas (DARTS' `Network.new`)."""
-        model = SearchNetwork(
-            self.c, self.num_classes, self.layers, self.steps, self.multiplier, self.skip_none
-        )
+        model = SearchNetwork(*self.args)
         for x, y in zip(model.arch_parameters(), self.arch_parameters(), strict=True):
             x.data.copy_(y.data)
         return model
-
-    def forward(self, x):
-        s0 = s1 = self.stem(x)
-        normal = F.softmax(self.alphas_normal, dim=-1)
-        reduce = F.softmax(self.alphas_reduce, dim=-1)
-        for cell in self.cells:
-            s0, s1 = s1, cell(s0, s1, reduce if cell.reduction else normal)
-        out = self.global_pooling(s1)
-        return self.classifier(out.view(out.size(0), -1))
 
     def loss(self, x, y):
         return F.cross_entropy(self(x), y)

@@ -577,6 +577,16 @@ def search_pipeline(
     return ds.with_options(_options()), smallest // global_batch_size
 
 
+def randaugment_layer(magnitude: float, seed: int = 0):
+    """keras-cv's RandAugment on 0..255 pixels: two of its operations per image, at
+    `magnitude` in (0, 1] (Cubuk et al., arXiv 1909.13719)."""
+    import keras_cv  # noqa: PLC0415 (its import takes seconds; only when asked for)
+
+    return keras_cv.layers.RandAugment(
+        value_range=(0, 255), augmentations_per_image=2, magnitude=magnitude, seed=seed
+    )
+
+
 def train_pipeline(
     source: Source,
     global_batch_size: int,
@@ -585,13 +595,16 @@ def train_pipeline(
     seed: int = 0,
     drop_remainder: bool = True,
     crop_padding: int = 4,
+    randaugment: float = 0.0,
 ) -> tf.data.Dataset:
     """One epoch of evaluation-training batches `(x, y)`, reshuffled every epoch.
 
     With `augment`, each batch gets `augment_batch` (random crop with `crop_padding` zero
     pixels, flip only if `source.info.horizontal_flip`, normalisation, cutout of
     `cutout_length`, 0 disabling it, clipped at the borders so a length beyond the image
-    size may erase it whole) from a per-batch seed that changes every epoch.
+    size may erase it whole) from a per-batch seed that changes every epoch. `randaugment`
+    > 0 first applies keras-cv's RandAugment at that magnitude (not in DARTS' recipe; its
+    draws come from keras-cv's own generators, so they are not replayed on a resume).
     """
     info = source.info
     if isinstance(cutout_length, bool) or not isinstance(cutout_length, numbers.Integral):
@@ -607,6 +620,11 @@ def train_pipeline(
     fits = _fits_in_memory(info.num_train, info.image_size)
     ds = source.split("train").shuffle(info.num_train if fits else 16384, seed=seed)
     ds = ds.batch(global_batch_size, drop_remainder=drop_remainder)
+    if not 0.0 <= randaugment <= 1.0:
+        raise UserInputError(f"randaugment must be a magnitude in [0, 1], got {randaugment!r}.")
+    if augment and randaugment > 0:
+        layer = randaugment_layer(randaugment, seed)
+        ds = ds.map(lambda x, y: (layer(tf.cast(x, tf.float32), training=True), y), AUTOTUNE)
     if augment:
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
         ds = tf.data.Dataset.zip(ds, seeds).map(

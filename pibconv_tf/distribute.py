@@ -124,7 +124,7 @@ def configure_threads(intra_op=AUTO_THREADS, inter_op=AUTO_THREADS):
 def cpu_cores():
     """CPU cores this process may run on (its affinity mask where the OS has one).
 
-    export/run_tflite.py counts them the same way on its own: the edge runner imports no
+    edge/run_tflite.py counts them the same way on its own: the edge runner imports no
     TensorFlow, so it cannot import this module.
     """
     if hasattr(os, "sched_getaffinity"):

@@ -15,8 +15,11 @@ does, and this module with it:
   `AuxiliaryHeadCIFAR(inplace=False)` is the form our network computes (and theirs in
   evaluation mode, where the head is not run).
 
-Only torch is imported here; `bind` reads the Keras layers it is given (their `.numpy()`).
+Only torch is imported here (the benchmarks' PyTorch timings build these networks too);
+`bind_*` read the Keras layers they are given (their `.numpy()`).
 """
+
+import collections
 
 import numpy as np
 import torch
@@ -24,6 +27,34 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 STEM_MULTIPLIER = 3
+
+Genotype = collections.namedtuple("Genotype", "normal normal_concat reduce reduce_concat")
+# The paper's Fig. 4 genotype as the released genotypes.py lists it (tests/test_authors_parity
+# checks it against ours).
+PIBCONV = Genotype(
+    normal=[
+        ("pib_conv_3x3", 0),
+        ("pib_conv_5x5", 1),
+        ("pib_conv_3x3", 0),
+        ("pib_conv_3x3", 2),
+        ("pib_conv_3x3", 2),
+        ("pib_conv_3x3", 1),
+        ("pib_conv_3x3", 1),
+        ("pib_conv_3x3", 3),
+    ],
+    normal_concat=[2, 3, 4, 5],
+    reduce=[
+        ("avg_pool_3x3", 0),
+        ("pib_conv_5x5", 1),
+        ("avg_pool_3x3", 0),
+        ("dil_conv_5x5", 2),
+        ("avg_pool_3x3", 0),
+        ("skip_connect", 2),
+        ("pib_conv_3x3", 3),
+        ("pib_conv_3x3", 0),
+    ],
+    reduce_concat=[2, 3, 4, 5],
+)
 
 # The ten operations of the PIBConv search, in the column order of our alphas.
 PIBCONV_PRIMITIVES = (
@@ -161,8 +192,9 @@ class PseudoInvBn(nn.Module):
         return self.op(x)
 
 
-def make_op(name, c, stride, affine):
-    """`OPS[name](C, stride, affine)` of the released code."""
+def make_op(name, c, stride, affine, pib_conv=None):
+    """`OPS[name](C, stride, affine)` of the released code; `pib_conv` replaces the
+    PseudoInvBn class (the benchmarks time another form of its grouped convolution)."""
     if name == "none":
         return Zero(stride)
     if name == "avg_pool_3x3":
@@ -179,17 +211,24 @@ def make_op(name, c, stride, affine):
     if name.startswith("dil_conv"):
         return DilConv(c, c, kernel, stride, kernel - 1, 2, affine=affine)
     if name.startswith("pib_conv"):
-        return PseudoInvBn(c, c, kernel, stride, kernel // 2, affine=affine)
+        return (pib_conv or PseudoInvBn)(c, c, kernel, stride, kernel // 2, affine=affine)
     raise ValueError(f"operation {name!r} is not in the released code")
 
 
 # --------------------------------------------------------------------------------------
-# The derived network (cnn/model.py); drop path is left out (the tests use rate 0).
+# The derived network (cnn/model.py)
 # --------------------------------------------------------------------------------------
 
 
+def drop_path(x, drop_prob):
+    """utils.drop_path, out of place: one Bernoulli(1 - p) mask value per sample."""
+    keep = 1.0 - drop_prob
+    mask = torch.empty(x.shape[0], 1, 1, 1, dtype=x.dtype).bernoulli_(keep)
+    return x / keep * mask
+
+
 class Cell(nn.Module):
-    def __init__(self, genotype, c_prev_prev, c_prev, c, reduction, reduction_prev):
+    def __init__(self, genotype, c_prev_prev, c_prev, c, reduction, reduction_prev, **op):
         super().__init__()
         if reduction_prev:
             self.preprocess0 = FactorizedReduce(c_prev_prev, c)
@@ -201,16 +240,21 @@ class Cell(nn.Module):
         self.multiplier = len(self.concat)
         self.indices = [index for _, index in edges]
         self._ops = nn.ModuleList(
-            make_op(name, c, 2 if reduction and index < 2 else 1, True) for name, index in edges
+            make_op(name, c, 2 if reduction and index < 2 else 1, True, **op)
+            for name, index in edges
         )
 
-    def forward(self, s0, s1):
+    def forward(self, s0, s1, drop_prob=0.0):
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         for node in range(len(self._ops) // 2):
-            a, b = 2 * node, 2 * node + 1
-            h1 = self._ops[a](states[self.indices[a]])
-            h2 = self._ops[b](states[self.indices[b]])
-            states.append(h1 + h2)
+            pair = []
+            for position in (2 * node, 2 * node + 1):
+                op = self._ops[position]
+                h = op(states[self.indices[position]])
+                if self.training and drop_prob > 0.0 and not isinstance(op, Identity):
+                    h = drop_path(h, drop_prob)
+                pair.append(h)
+            states.append(pair[0] + pair[1])
         return torch.cat([states[i] for i in self.concat], dim=1)
 
 
@@ -237,10 +281,13 @@ class AuxiliaryHeadCIFAR(nn.Module):
 
 
 class NetworkCIFAR(nn.Module):
-    def __init__(self, c, num_classes, layers, auxiliary, genotype, inplace_aux_relu=True):
+    def __init__(
+        self, c, num_classes, layers, auxiliary, genotype, inplace_aux_relu=True, pib_conv=None
+    ):
         super().__init__()
         self.layers = layers
         self.auxiliary = auxiliary
+        self.drop_path_prob = 0.0
         c_curr = STEM_MULTIPLIER * c
         self.stem = nn.Sequential(
             nn.Conv2d(3, c_curr, 3, padding=1, bias=False), nn.BatchNorm2d(c_curr)
@@ -252,7 +299,9 @@ class NetworkCIFAR(nn.Module):
             reduction = i in (layers // 3, 2 * layers // 3)
             if reduction:
                 c_curr *= 2
-            cell = Cell(genotype, c_prev_prev, c_prev, c_curr, reduction, reduction_prev)
+            cell = Cell(
+                genotype, c_prev_prev, c_prev, c_curr, reduction, reduction_prev, pib_conv=pib_conv
+            )
             reduction_prev = reduction
             self.cells.append(cell)
             c_prev_prev, c_prev = c_prev, cell.multiplier * c_curr
@@ -269,7 +318,7 @@ class NetworkCIFAR(nn.Module):
         logits_aux = None
         s0 = s1 = self.stem(x)
         for i, cell in enumerate(self.cells):
-            s0, s1 = s1, cell(s0, s1)
+            s0, s1 = s1, cell(s0, s1, self.drop_path_prob)
             if i == 2 * self.layers // 3 and self.auxiliary and self.training:
                 logits_aux = self.auxiliary_head(s1)
         out = self.global_pooling(s1)
@@ -282,17 +331,23 @@ class NetworkCIFAR(nn.Module):
 
 
 class MixedOp(nn.Module):
-    def __init__(self, c, stride, primitives, pool_batch_norm):
+    """`skip_none` leaves out `none` (w * 0; ours skips it too), for the benchmarks."""
+
+    def __init__(self, c, stride, primitives, pool_batch_norm, skip_none=False):
         super().__init__()
         self._ops = nn.ModuleList()
-        for primitive in primitives:
+        self.columns = []
+        for column, primitive in enumerate(primitives):
+            if skip_none and primitive == "none":
+                continue
             op = make_op(primitive, c, stride, False)
             if pool_batch_norm and "pool" in primitive:
                 op = nn.Sequential(op, nn.BatchNorm2d(c, affine=False))
             self._ops.append(op)
+            self.columns.append(column)
 
     def forward(self, x, weights):
-        return sum(w * op(x) for w, op in zip(weights, self._ops, strict=True))
+        return sum(weights[c] * op(x) for c, op in zip(self.columns, self._ops, strict=True))
 
 
 class SearchCell(nn.Module):
@@ -333,9 +388,11 @@ class SearchNetwork(nn.Module):
         multiplier=4,
         primitives=PIBCONV_PRIMITIVES,
         pool_batch_norm=False,
+        skip_none=False,
     ):
         super().__init__()
         self.primitives = tuple(primitives)
+        self.pool_batch_norm, self.skip_none = pool_batch_norm, skip_none
         c_curr = STEM_MULTIPLIER * c
         self.stem = nn.Sequential(
             nn.Conv2d(3, c_curr, 3, padding=1, bias=False), nn.BatchNorm2d(c_curr)
@@ -358,6 +415,7 @@ class SearchNetwork(nn.Module):
                     reduction_prev,
                     primitives=self.primitives,
                     pool_batch_norm=pool_batch_norm,
+                    skip_none=skip_none,
                 )
             )
             reduction_prev = reduction
@@ -482,7 +540,7 @@ def _stem(binding, keras_conv, keras_bn, torch_stem):
 def bind_mixed_op(binding, keras_op, torch_op):
     """Adds the weights of our `MixedOp` and a released `MixedOp` of the same space."""
     ours = {column: (op, norm) for column, op, norm in keras_op.candidates}
-    for column, torch_candidate in enumerate(torch_op._ops):
+    for column, torch_candidate in zip(torch_op.columns, torch_op._ops, strict=True):
         if column not in ours:  # `none`: no weights
             continue
         op, norm = ours[column]

@@ -265,3 +265,21 @@ def test_mixed_op_is_the_released_mixed_op(space, strides):
 
 def _named(op):
     return [(column, op.primitives[column], norm) for column, _, norm in op.candidates]
+
+
+def test_the_restated_genotype_is_ours():
+    ours = G.PIBCONV
+    theirs = authors_code.PIBCONV
+    assert [tuple(edge) for edge in theirs.normal] == list(ours.normal)
+    assert [tuple(edge) for edge in theirs.reduce] == list(ours.reduce)
+    assert tuple(theirs.normal_concat) == ours.normal_concat
+    assert tuple(theirs.reduce_concat) == ours.reduce_concat
+
+
+def test_drop_path_in_the_restatement_drops_whole_samples():
+    torch.manual_seed(0)
+    x = torch.ones(4000, 2, 2, 3)
+    dropped = authors_code.drop_path(x, 0.3).reshape(4000, -1)
+    zero = (dropped == 0).all(1)
+    assert torch.all(zero | torch.isclose(dropped, torch.tensor(1 / 0.7)).all(1))
+    assert abs(float(zero.float().mean()) - 0.3) < 0.03

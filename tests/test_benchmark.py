@@ -1,4 +1,4 @@
-"""Tests for the benchmark harness (pibconv_tf.benchmark, pibconv_tf.timing) and apps.benchmark.
+"""Tests for benchmarks/harness.py, pibconv_tf/deploy/latency.py and apps.benchmark.
 
 The app runs every kind of measurement at tiny sizes in subprocesses; the figures are never
 asserted, only that records are well formed, complete and positive. The library's
@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks import harness
@@ -100,7 +101,18 @@ def test_app_measures_steps_inference_and_pipelines(tmp_path):
     assert config["what"] == ["search_step", "train_step", "inference", "pipeline"]
     # The table: one row per record and the pipeline / train-step ratio.
     assert result.stdout.count("\n") >= len(records) + 2
-    assert "train pipeline synthetic outruns" in result.stdout or "is SLOWER" in result.stdout
+    # The ratio line: the train pipeline's images/s over the train step's, from the records.
+    pipeline = next(r for r in records if r["what"] == "pipeline" and r["name"].startswith("train"))
+    step = next(
+        r
+        for r in records
+        if r["what"] == "train_step"
+        and r["status"] == "ok"
+        and r["config"]["batch_size"] == pipeline["config"]["batch_size"]
+    )
+    factor = pipeline["median"] / step["median"]
+    verdict = "outruns" if factor > 1 else "is SLOWER than"
+    assert f"{pipeline['name']} {verdict} {step['name']}: {factor:.1f}x" in result.stdout
 
 
 @pytest.mark.slow
@@ -122,7 +134,9 @@ def test_app_times_tflite_in_litert_processes(tmp_path):
         check_ok(record)
         assert record["unit"] == "ms" and record["peak_rss_scope"] == "measurement"
         assert record["bytes"] > 1000 and record["config"]["threads"] == 1
-        assert 0 <= record["top1_agreement_with_fp32"] <= 1
+        # A share of the 4 evaluation images.
+        agreed = record["top1_agreement_with_fp32"] * 4
+        assert agreed == round(agreed) and record["eval_images"] == 4
     assert records[0]["top1_agreement_with_fp32"] == 1.0
     assert records[1]["input_dtype"] == "uint8"
     # The timing processes import LiteRT only: much less memory than the converting one.
@@ -191,19 +205,37 @@ def test_timing_figures_throughput_and_latency():
     assert (latency["median"], latency["min"], latency["max"]) == (500.0, 250.0, 1000.0)
 
 
-def test_time_calls_warms_up_and_loops_fast_calls():
+class _FakeClock:
+    """Wall time that advances only when the timed call says so; CPU time twice as fast."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+    def process_time(self):
+        return 2.0 * self.now
+
+
+def test_time_calls_warms_up_and_loops_fast_calls(monkeypatch):
+    clock = _FakeClock()
+    monkeypatch.setattr(timing, "time", clock)
     calls = []
 
-    def call():
+    def call():  # the first call traces: 10 ms; then 2 ms each
         calls.append(1)
-        time.sleep(0.002)
+        clock.now += 0.010 if len(calls) == 1 else 0.002
 
     result = timing.time_calls(call, repeats=3, warmup=2, min_repeat_seconds=0.02)
-    per_repeat = result["calls_per_repeat"]
-    assert per_repeat >= 5
-    assert len(calls) == 2 + 3 * per_repeat
-    assert all(0.0015 < s < 0.05 for s in result["seconds"])
-    assert result["first_call_seconds"] > 0.0015
+    assert result["first_call_seconds"] == pytest.approx(0.010)
+    # Repeats of 0.02 s at the last warm-up call's 2 ms: 10 calls each.
+    assert result["calls_per_repeat"] == 10
+    assert len(calls) == 2 + 3 * 10
+    assert result["seconds"] == pytest.approx([0.002] * 3)
+    assert result["cpu_seconds"] == pytest.approx([0.004] * 3)
+    single = timing.time_calls(call, repeats=2, warmup=1)
+    assert single["calls_per_repeat"] == 1 and len(single["seconds"]) == 2
 
 
 def _record(what, median, unit, **config):
@@ -334,3 +366,20 @@ def test_an_app_refuses_a_bad_thread_count_before_writing(tmp_path):
     assert result.returncode == 1
     assert "error: --intra_op_threads must be -1 (auto)" in result.stderr
     assert not model_dir.exists()
+
+
+def test_the_train_step_benchmark_times_steps_of_the_network_it_builds():
+    from benchmarks import train_step  # noqa: PLC0415 (TensorFlow)
+    from pibconv_tf.model import genotypes, networks  # noqa: PLC0415
+
+    start = time.perf_counter()
+    stats = train_step.benchmark_train_step(
+        "PIBCONV", layers=1, init_channels=4, batch_size=2, steps=3, warmup=1, image_size=8
+    )
+    elapsed = time.perf_counter() - start
+    assert len(stats["step_seconds"]) == 3
+    # The timed steps and the first one happened within the call, by the test's own clock.
+    assert stats["first_step_seconds"] + sum(stats["step_seconds"]) < elapsed
+    network = networks.network_cifar(genotypes.PIBCONV, 10, 4, 1, auxiliary=True, image_size=8)
+    assert stats["params"] == sum(int(np.prod(v.shape)) for v in network.trainable_variables)
+    assert (stats["genotype"], stats["layers"], stats["auxiliary"]) == ("PIBCONV", 1, True)

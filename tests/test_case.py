@@ -5,6 +5,7 @@ import tempfile
 
 import keras
 import numpy as np
+import tensorflow as tf
 from absl.testing import parameterized
 
 
@@ -29,38 +30,51 @@ class TestCase(parameterized.TestCase):
         expected_output_shape,
         expected_num_trainable_weights=None,
         run_training_check=True,
+        call_args=(),
     ):
         """Builds `layer_cls(**init_kwargs)` and checks symbolic and eager shapes, the config
-        round trip (same config, same outputs with copied weights) and one training step."""
+        round trip (same config, same outputs with copied weights) and one training step.
+
+        `input_shape` is one shape, or a list of shapes for a layer called on a list;
+        `call_args` are further (constant) positional arguments, e.g. mixing weights.
+        """
         layer = layer_cls(**init_kwargs)
-        symbolic = layer(keras.Input(input_shape[1:], batch_size=input_shape[0]))
+        several = isinstance(input_shape, list)
+        shapes = input_shape if several else [input_shape]
+        symbolic_inputs = [keras.Input(shape[1:], batch_size=shape[0]) for shape in shapes]
+        symbolic = layer(symbolic_inputs if several else symbolic_inputs[0], *call_args)
         self.assertEqual(tuple(symbolic.shape), tuple(expected_output_shape))
-        inputs = np.random.default_rng(0).normal(size=input_shape).astype("float32")
-        outputs = layer(inputs, training=False)
+        rng = np.random.default_rng(0)
+        arrays = [rng.normal(size=shape).astype("float32") for shape in shapes]
+        inputs = arrays if several else arrays[0]
+        outputs = layer(inputs, *call_args, training=False)
         self.assertEqual(tuple(outputs.shape), tuple(expected_output_shape))
         if expected_num_trainable_weights is not None:
             self.assertLen(layer.trainable_weights, expected_num_trainable_weights)
 
         config = layer.get_config()
         clone = layer_cls.from_config(config)
-        clone(inputs, training=False)
+        clone(inputs, *call_args, training=False)
         clone.set_weights(layer.get_weights())
         self.assertEqual(clone.get_config(), config)
-        self.assertAllClose(clone(inputs, training=False), outputs, atol=1e-6)
+        self.assertAllClose(clone(inputs, *call_args, training=False), outputs, atol=1e-6)
         serialized = keras.saving.serialize_keras_object(layer)
         revived = keras.saving.deserialize_keras_object(serialized)
         self.assertIsInstance(revived, layer_cls)
 
         if run_training_check and layer.trainable_weights:
-            self._run_training_step(layer, inputs)
+            self._run_training_step(layer, inputs, call_args)
         return layer
 
-    def _run_training_step(self, layer, inputs):
-        model = keras.Sequential([keras.Input(inputs.shape[1:]), layer])
-        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
-        before = [w.numpy().copy() for w in layer.trainable_weights]
-        targets = np.ones(model.output_shape[1:], "float32")[None].repeat(len(inputs), 0)
-        model.fit(inputs, targets, batch_size=len(inputs), epochs=1, verbose=0)
+    def _run_training_step(self, layer, inputs, call_args=()):
+        """One SGD step on a squared loss changes some trainable weight."""
+        before = [np.array(w.numpy()) for w in layer.trainable_weights]
+        optimizer = keras.optimizers.SGD(0.1)
+        with tf.GradientTape() as tape:
+            outputs = layer(inputs, *call_args, training=True)
+            loss = tf.reduce_sum(tf.square(outputs - 1.0))
+        grads = tape.gradient(loss, layer.trainable_weights)
+        optimizer.apply(grads, layer.trainable_weights)
         changed = [
             not np.allclose(b, w.numpy())
             for b, w in zip(before, layer.trainable_weights, strict=True)

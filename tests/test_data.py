@@ -218,6 +218,21 @@ def test_train_pipeline_is_seeded_reshuffled_and_augmented():
     np.testing.assert_array_equal(first[0][1], plain[0][1])
 
 
+def test_randaugment_from_keras_cv_changes_images_before_the_darts_transform():
+    source = _id_source(num_train=16, size=16)
+    darts = list(data.train_pipeline(source, 8, cutout_length=0, crop_padding=0, seed=3))
+    strong = list(
+        data.train_pipeline(source, 8, cutout_length=0, crop_padding=0, seed=3, randaugment=0.9)
+    )
+    assert strong[0][0].shape == darts[0][0].shape and strong[0][0].dtype == tf.float32
+    np.testing.assert_array_equal(strong[0][1], darts[0][1])  # the same order and labels
+    assert not np.allclose(strong[0][0], darts[0][0])  # the images changed
+    # Still pixels of 0..255 before normalisation.
+    low, high = (data.normalize(tf.fill((1, 1, 1, 3), v), source.info) for v in (0.0, 255.0))
+    x = strong[0][0].numpy()
+    assert np.all(x >= low.numpy() - 1e-5) and np.all(x <= high.numpy() + 1e-5)
+
+
 def test_cutout_is_applied_after_normalisation():
     source = _id_source(num_train=16, size=16)
     (x, _), *_ = list(data.train_pipeline(source, 16, cutout_length=8, seed=0))
@@ -296,6 +311,7 @@ def test_dataset_info_json_round_trip(digits):
         (lambda s: data.train_pipeline(s, 41), "41"),
         (lambda s: data.train_pipeline(s, 4, cutout_length=-2), "-2"),
         (lambda s: data.train_pipeline(s, 4, crop_padding=5), "got 5"),
+        (lambda s: data.train_pipeline(s, 4, randaugment=1.5), "1.5"),
         (lambda s: data.eval_pipeline(s, 4, split="val"), "'val'"),
         (lambda s: data.load_source("digits", image_size=4), "got 4"),
         (lambda s: data.load_source("digits", image_size=5000), "5000"),

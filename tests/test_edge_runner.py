@@ -1,4 +1,4 @@
-"""Tests for export/run_tflite.py, the TensorFlow-free runner for the edge device.
+"""Tests for edge/run_tflite.py, the TensorFlow-free runner for the edge device.
 
 Tiny Keras models are converted here with `tf.lite.TFLiteConverter.from_keras_model`; the
 runner runs as a subprocess, as it does on the device, and its answers are checked against

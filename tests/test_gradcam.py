@@ -1,4 +1,4 @@
-"""Tests for pibconv_tf.visualize and apps.gradcam: maps that find the evidence, bad input."""
+"""Tests for pibconv_tf.insight.gradcam and apps.gradcam: maps that find the evidence, bad input."""
 
 import json
 import os

@@ -1,4 +1,4 @@
-"""Tests for pibconv_tf/sweep.py and apps/sweep.py: Table 1 rows, per-row resume."""
+"""Tests for pibconv_tf/experiments/sweep.py and apps/sweep.py: Table 1 rows, per-row resume."""
 
 import csv
 import json

@@ -1,4 +1,4 @@
-"""Tests for pibconv_tf/training.py (the evaluation trainer) and apps/train.py.
+"""Tests for pibconv_tf/train/run.py (the evaluation trainer) and apps/train.py.
 
 Networks are tiny (C=4..8, one cell, 8x8 images); apps run as subprocesses.
 """
@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from benchmarks import train_step as train_benchmark
 from pibconv_tf import data, optim, runs
 from pibconv_tf.errors import RunError, UserInputError
 from pibconv_tf.model import cells, genotypes, networks
@@ -207,19 +206,6 @@ class TrainerTest(TestCase):
             with self.assertRaisesRegex(UserInputError, field):
                 train_config.TrainConfig(**{field: value}).validate()
 
-    def test_benchmark_train_step(self):
-        stats = train_benchmark.benchmark_train_step(
-            "PIBCONV", layers=1, init_channels=4, batch_size=2, steps=2, warmup=1, image_size=SIZE
-        )
-        self.assertLen(stats["step_seconds"], 2)
-        self.assertAllClose(
-            stats["images_per_second"], 2 / np.median(stats["step_seconds"]), rtol=1e-3
-        )
-        self.assertEqual(
-            (stats["genotype"], stats["layers"], stats["auxiliary"]), ("PIBCONV", 1, True)
-        )
-        self.assertGreater(stats["first_step_seconds"], stats["seconds_per_step"])
-
     def test_schedules(self):
         config = train_config.TrainConfig(epochs=600)
         schedule = trainer_lib.lr_schedule(config)
@@ -304,7 +290,8 @@ import keras
 from pibconv_tf import data
 from pibconv_tf import distribute
 from pibconv_tf.model import genotypes
-from pibconv_tf.train import run as training
+from pibconv_tf.train import config as train_config
+from pibconv_tf.train import trainer as trainer_lib
 distribute.configure_graph_optimizer("auto")  # as the apps: no Grappler on a CPU
 config = train_config.TrainConfig(init_channels=4, layers=1, grad_clip=0.01, weight_decay=3e-4)
 source = data.load_source("digits", image_size=8)

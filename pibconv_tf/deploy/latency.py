@@ -58,7 +58,7 @@ def quantize_pixels(pixels, details):
     """Raw 0..255 pixels as the model's input tensor takes them: float, quantized integers,
     or (scale 0: not quantized) the integers themselves.
 
-    The one copy for the package (export_tflite uses it); export/run_tflite.py keeps its own,
+    The one copy for the package (deploy/tflite.py uses it); edge/run_tflite.py keeps its own,
     as the edge runner ships alone.
     """
     dtype = np.dtype(details["dtype"])

@@ -197,33 +197,37 @@ def convert(saved_model_dir, fmt, representative_images=None, int8_io_type="uint
         converter.representative_dataset = _representative_dataset(
             representative_images, batch_size
         )
-        # Calibrate only, then quantize with the float operations denylisted: the two
-        # steps of the converter's own full-integer path (QuantizationDebugger's too).
-        converter._experimental_calibrate_only = True  # noqa: SLF001
     with warnings.catch_warnings():
         # Calibration runs the deprecated tf.lite.Interpreter; the warning is not ours.
         warnings.filterwarnings("ignore", "(?s).*tf.lite.Interpreter is deprecated")
-        content = converter.convert()
-    if fmt == "tflite_int8_mixed":
-        content = _quantize_mixed(content, int8_io_type)
+        if fmt == "tflite_int8_mixed":
+            content = _quantize_mixed(converter, int8_io_type)
+        else:
+            content = converter.convert()
     check_builtin_ops(op_counts(content), fmt)
     return content
 
 
-def _quantize_mixed(calibrated, io_type):
-    """Quantizes a calibrated model with `MIXED_FLOAT_OPS` left float; `io_type` as `convert`.
+def _quantize_mixed(converter, io_type):
+    """Calibrates and quantizes with `MIXED_FLOAT_OPS` left float; `io_type` as `convert`.
 
-    The two steps the converter takes for `tflite_int8` (quantize, then set the input and
-    output type), with the denylist that its public options do not offer. Both functions
-    are TensorFlow's internal ones (pinned version; imported here so that nothing else
-    depends on them).
+    TensorFlow's public `QuantizationDebugger` (selective quantization by its op denylist)
+    calibrates with the converter's representative dataset and quantizes; its model has
+    float input and output. Setting an integer input and output type afterwards has no
+    public API: `modify_model_io_type` is the converter's own (internal) pass for it, as in
+    `tflite_int8` (pinned TensorFlow; tests/test_deploy.py checks operand types and I/O).
     """
-    from tensorflow.lite.python import convert as lite_convert  # noqa: PLC0415
-    from tensorflow.lite.python import util as lite_util  # noqa: PLC0415
-
-    content = lite_convert.mlir_quantize(calibrated, denylisted_ops=list(MIXED_FLOAT_OPS))
+    options = tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=list(MIXED_FLOAT_OPS))
+    debugger = tf.lite.experimental.QuantizationDebugger(
+        converter=converter,
+        debug_dataset=converter.representative_dataset,
+        debug_options=options,
+    )
+    content = debugger.get_nondebug_quantized_model()
     if io_type is None:
         return content
+    from tensorflow.lite.python import util as lite_util  # noqa: PLC0415 (internal)
+
     io = tf.as_dtype(io_type)
     return lite_util.modify_model_io_type(content, io, io)
 

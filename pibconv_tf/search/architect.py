@@ -15,14 +15,15 @@ H v = grad^2_{alpha, w} L_train(w, alpha) v. DARTS estimates H v by central diff
 
 what is implemented here. (An "exact" H v by nested tapes is not offered: it differentiates
 the whole backward pass once more, which costs more than the two extra first-order passes
-of the finite difference. Beware if you add it: Keras' own BatchNorm (`tf.nn.moments`) stops
-the gradient through the batch mean inside the variance, which leaves first derivatives right
-and second derivatives wrong (0.4% on one layer); `layers.BatchNorm`'s one-pass statistics
-have exact second derivatives.) The weights are never modified: the unrolled and perturbed
-networks are evaluated in a `keras.StatelessScope` that substitutes the weight values, so w
-is restored exactly by construction and BatchNorm statistics of those extra passes are
-discarded (DARTS evaluates them on a throwaway copy for w', on the model itself for w+-; the
-statistics only matter for inference, which the search never uses).
+of the finite difference. Beware if you add it: Keras' BatchNorm on TensorFlow
+(`tf.nn.moments`) stops the gradient through the batch mean inside the variance, which
+leaves first derivatives right and second derivatives wrong (0.4% on one layer); the fused
+kernel of `pibconv_tf.kernels` and Keras' BatchNorm on JAX have exact second derivatives.)
+The weights are never modified: the unrolled and perturbed networks are evaluated in a
+`keras.StatelessScope` that substitutes the weight values, so w is restored exactly by
+construction and BatchNorm statistics of those extra passes are discarded (DARTS evaluates
+them on a throwaway copy for w', on the model itself for w+-; the statistics only matter for
+inference, which the search never uses).
 
 Under a tf.distribute strategy every gradient is summed over the replicas before it is used,
 so all replicas compute the same w', the same eps and the same w+-.

@@ -11,7 +11,6 @@ import time
 
 import keras
 import tensorflow as tf
-from tensorflow.core.framework import summary_pb2
 
 from pibconv_tf import runs
 from pibconv_tf.model import cells
@@ -163,8 +162,7 @@ class BestModelSaver(keras.callbacks.Callback):
 class ScalarSummaries(keras.callbacks.Callback):
     """Writes every numeric epoch log as a TensorBoard scalar (`train/loss`, `test/accuracy`).
 
-    Uses `tf.summary.write` with the scalars plugin's metadata, which TensorFlow provides
-    without the `tensorboard` package (that `keras.callbacks.TensorBoard` needs).
+    `tf.summary.scalar` (TensorBoard's, a pinned dependency).
 
     Args:
         log_dir: the event file directory.
@@ -173,18 +171,13 @@ class ScalarSummaries(keras.callbacks.Callback):
     def __init__(self, log_dir):
         super().__init__()
         self.writer = tf.summary.create_file_writer(str(log_dir))
-        self.metadata = summary_pb2.SummaryMetadata(
-            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
-            data_class=summary_pb2.DATA_CLASS_SCALAR,
-        )
 
     def on_epoch_end(self, epoch, logs=None):
         with self.writer.as_default():
             for key, value in (logs or {}).items():
                 if isinstance(value, int | float):
                     group, name = ("test", key[5:]) if key.startswith("test_") else ("train", key)
-                    tensor = tf.constant(float(value))
-                    tf.summary.write(f"{group}/{name}", tensor, epoch + 1, self.metadata)
+                    tf.summary.scalar(f"{group}/{name}", float(value), step=epoch + 1)
         self.writer.flush()
 
 

@@ -45,6 +45,8 @@ class TrainConfig:
         learning_rate, min_learning_rate: the cosine's start and end.
         momentum, weight_decay, grad_clip: `optim.TorchSGD` (grad_clip 0 disables clipping).
         cutout_length: cutout square side (0 disables it).
+        randaugment: magnitude of keras-cv's RandAugment before the crop, flip and cutout
+            (0, the default, is DARTS' recipe without it).
         drop_path_prob: the final drop path rate of the linear ramp.
         auxiliary_weight: weight of the auxiliary tower's loss; 0 builds no auxiliary head.
         eval_every: evaluate on the test split every this many epochs (and after the last).
@@ -69,6 +71,7 @@ class TrainConfig:
     weight_decay: float = 3e-4
     grad_clip: float = 5.0
     cutout_length: int = 16
+    randaugment: float = 0.0
     drop_path_prob: float = 0.2
     auxiliary_weight: float = 0.4
     eval_every: int = 1
@@ -107,6 +110,8 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip", "auxiliary_weight"):
             if not getattr(self, name) >= 0:
                 raise UserInputError(f"--{name} must be >= 0, got {getattr(self, name)}.")
+        if not 0 <= self.randaugment <= 1:
+            raise UserInputError(f"--randaugment must be in [0, 1], got {self.randaugment}.")
         if not 0 <= self.drop_path_prob < 1:
             raise UserInputError(f"--drop_path_prob must be in [0, 1), got {self.drop_path_prob}.")
         if self.mixed_precision not in MIXED_PRECISION:

@@ -133,6 +133,7 @@ def _train_data(source, config, start_epoch):
         source,
         config.batch_size,
         cutout_length=config.cutout_length,
+        randaugment=config.randaugment,
         seed=config.seed + 1000 * start_epoch,
     )
     return dataset.take(config.steps_per_epoch) if config.steps_per_epoch else dataset
