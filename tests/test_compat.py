@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import pytest
 
+from pibconv_tf import data
 from pibconv_tf.model import cells, networks
 from pibconv_tf.model import genotypes as G
 
@@ -56,3 +57,43 @@ def test_cells_record_their_activations():
     darts = cells.Cell(G.DARTS_V2, 4).get_config()
     del darts["activations"]
     assert cells.Cell.from_config(darts).activations == {"sep_conv": "relu", "dil_conv": "relu"}
+
+
+def test_release_0_1_models_evaluate_and_export(tmp_path):
+    """apps.evaluate's and apps.export's library calls on a 0.1 model (5 classes, 16x16):
+    a folder dataset of 5 classes to evaluate on; SavedModel and float32 TFLite whose
+    logits match the model's."""
+    from PIL import Image  # noqa: PLC0415
+
+    from pibconv_tf import evaluation  # noqa: PLC0415
+    from pibconv_tf.deploy import export  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    for label in range(5):
+        (tmp_path / "images" / f"class_{label}").mkdir(parents=True)
+        for index in range(6):
+            pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "images" / f"class_{label}" / f"{index}.png")
+    model_path = str(DATA / "pibconv_l2.keras")
+    folder = f"folder:{tmp_path / 'images'}"
+    results = evaluation.evaluate_file(evaluation.EvaluateConfig(model=model_path, dataset=folder))
+    test_images = data.load_source(folder, image_size=16).numpy("test")[0]
+    assert results["num_images"] == len(test_images) > 0
+    assert results["params"] == sum(
+        int(np.prod(w.shape)) for w in _load("pibconv").trainable_weights
+    )
+    report = export.export_model(
+        export.ExportConfig(
+            model=model_path,
+            output_dir=str(tmp_path / "export"),
+            formats=("saved_model", "tflite_fp32"),
+            mean=(0.5, 0.5, 0.5),
+            std=(0.25, 0.25, 0.25),
+            class_names=tuple(f"class_{i}" for i in range(5)),
+            parity_images=8,
+        )
+    )
+    for name in ("saved_model", "tflite_fp32"):
+        row = report["artifacts"][name]
+        assert row["passed"] and row["max_abs_logit_diff"] <= 1e-4, (name, row)
+    assert (tmp_path / "export" / "model_fp32.tflite").stat().st_size > 10_000
