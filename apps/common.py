@@ -6,13 +6,80 @@ lists only flags it reads; `define` makes each flag once per process. Tests run 
 subprocesses, never by importing two app modules into one process.
 """
 
+import atexit
 import logging
 import os
 import sys
+import threading
 import types
 
 # Before TensorFlow is imported by anything: keep its C++ start-up chatter off the console.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# The lines TensorFlow's C++ runtime prints when it starts on a machine (TF_CPP_MIN_LOG_LEVEL
+# no longer silences them in 2.21). Users read them as errors; they say nothing about the
+# run. Any other line reaches stderr as it is.
+_STARTUP_NOISE = (
+    "All log messages before absl::InitializeLog() is called are written to STDERR",
+    "oneDNN custom operations are on",
+    "Could not find cuda drivers on your machine",
+    "This TensorFlow binary is optimized to use available CPU instructions",
+    "To enable the following instructions:",
+    "failed call to cuInit",
+    "Unable to register cuDNN factory",
+    "Unable to register cuBLAS factory",
+    "Unable to register cuFFT factory",
+    "computation placer already registered",
+    "TF-TRT Warning: Could not find TensorRT",
+)
+
+
+class _StartupNoiseFilter:
+    """Routes this process's stderr (file descriptor 2, where C++ writes too) through a pipe
+    that drops `_STARTUP_NOISE` lines; `--tf_logs` (or PIBCONV_TF_LOGS=1) keeps them."""
+
+    def start(self):
+        self.original = os.dup(2)
+        read, write = os.pipe()
+        os.dup2(write, 2)
+        os.close(write)
+        self.reader = threading.Thread(target=self._forward, args=(read,), daemon=True)
+        self.reader.start()
+        atexit.register(self.stop)
+
+    def _forward(self, read):
+        with os.fdopen(read, "rb") as pipe:
+            for line in pipe:
+                text = line.decode(errors="replace")
+                if not any(noise in text for noise in _STARTUP_NOISE):
+                    os.write(self.original, line)
+
+    def stop(self):
+        sys.stderr.flush()
+        os.dup2(self.original, 2)  # closes the pipe's last writer: the reader drains and ends
+        self.reader.join(timeout=5)
+
+
+if "--tf_logs" not in sys.argv and os.environ.get("PIBCONV_TF_LOGS", "") in ("", "0"):
+    _StartupNoiseFilter().start()
+
+BACKENDS = ("tensorflow", "jax")
+
+
+def _backend_argument(argv):
+    """The value of --backend on the command line, read before Keras is imported (Keras
+    picks its backend at import; the flag is parsed only later)."""
+    for index, argument in enumerate(argv):
+        if argument.startswith("--backend="):
+            return argument.split("=", 1)[1]
+        if argument == "--backend" and index + 1 < len(argv):
+            return argv[index + 1]
+    return None
+
+
+_BACKEND_ARGUMENT = _backend_argument(sys.argv[1:])
+if _BACKEND_ARGUMENT in BACKENDS:
+    os.environ["KERAS_BACKEND"] = _BACKEND_ARGUMENT
 
 from absl import app, flags  # noqa: E402
 
@@ -43,6 +110,12 @@ _FACTORIES = {
         "auto",
         list(STRATEGIES),
         "tf.distribute strategy; auto = MirroredStrategy over all GPUs when there are several.",
+    ),
+    "sync_batch_norm": lambda: flags.DEFINE_bool(
+        "sync_batch_norm",
+        False,
+        "BatchNorm normalises by the statistics of the whole global batch (all replicas) "
+        "instead of each replica's own (the default, as DARTS on several GPUs).",
     ),
     "model_dir": lambda: flags.DEFINE_string(
         "model_dir", None, "Directory that receives the run's outputs."
@@ -79,6 +152,15 @@ _FACTORIES = {
         "TensorFlow operations run at once: -1 = auto (the core count on a CPU-only machine "
         "with at most 4 cores, else TensorFlow's choice), 0 = TensorFlow's choice.",
     ),
+    "backend": lambda: flags.DEFINE_enum(
+        "backend",
+        os.environ.get("KERAS_BACKEND", "tensorflow")
+        if os.environ.get("KERAS_BACKEND") in BACKENDS
+        else "tensorflow",
+        list(BACKENDS),
+        "Keras backend: tensorflow (tf.distribute, the CPU kernels, export) or jax (the whole "
+        "step jitted by XLA; data parallel over local devices). Default: KERAS_BACKEND.",
+    ),
     "cpu_kernels": lambda: flags.DEFINE_enum(
         "cpu_kernels",
         None,
@@ -89,6 +171,12 @@ _FACTORIES = {
     ),
 }
 _DEFINED = {}
+
+TF_LOGS = flags.DEFINE_bool(
+    "tf_logs",
+    False,
+    "Show TensorFlow's C++ start-up log lines (oneDNN, CUDA probing), hidden by default.",
+)
 
 
 def define(*names):
@@ -107,6 +195,19 @@ def _configure_runtime():
     """Applies the runtime flags this app defined (before anything runs)."""
     from pibconv_tf.model import acceleration  # noqa: PLC0415
 
+    if "backend" in _DEFINED:
+        wanted = _DEFINED["backend"].value
+        import keras  # noqa: PLC0415
+
+        if keras.backend.backend() != wanted:
+            raise UserInputError(
+                f"--backend={wanted} was given, but Keras already runs on "
+                f"{keras.backend.backend()} (KERAS_BACKEND={os.environ.get('KERAS_BACKEND')})."
+            )
+        if wanted == "jax" and "tensorflow" in sys.modules:
+            # TensorFlow stays for the input pipelines only: keep it off the GPUs JAX uses.
+            sys.modules["tensorflow"].config.set_visible_devices([], "GPU")
+
     if "cpu_kernels" in _DEFINED:
         mode = _DEFINED["cpu_kernels"].value
         try:
@@ -120,6 +221,16 @@ def _configure_runtime():
             _DEFINED["intra_op_threads"].value, _DEFINED["inter_op_threads"].value
         )
         distribute.configure_graph_optimizer(_DEFINED["graph_optimizer"].value)
+
+
+def interrupted(app, model_dir, error=None):
+    """Ctrl-C: say what was kept and how to continue; exit status 130."""
+    kept = getattr(error, "message", None) or "Interrupted; the last epoch's checkpoint stays."
+    print(
+        f"\n{kept} Continue with: python -m {app} --resume --model_dir={model_dir}",
+        file=sys.stderr,
+    )
+    sys.exit(130)
 
 
 def run(main):

@@ -41,6 +41,7 @@ _SHARED = common.define(
     "data_dir",
     "image_size",
     "strategy",
+    "sync_batch_norm",
     "model_dir",
     "resume",
     "overwrite",
@@ -98,6 +99,7 @@ def _templates():
         data_dir=_SHARED.data_dir.value,
         image_size=_SHARED.image_size.value,
         strategy=_SHARED.strategy.value,
+        sync_batch_norm=_SHARED.sync_batch_norm.value,
         mixed_precision=_SHARED.mixed_precision.value,
         jit_compile=_SHARED.jit_compile.value,
     )
@@ -191,10 +193,8 @@ def main(argv):
         raise UserInputError("--model_dir is required: where the roadmap writes its runs.")
     try:
         rows = roadmap.run_roadmap(config)
-    except KeyboardInterrupt:
-        command = f"python -m apps.roadmap --resume --model_dir={model_dir}"
-        print(f"\nInterrupted; continue with: {command}", flush=True)
-        raise SystemExit(130) from None
+    except KeyboardInterrupt as error:
+        common.interrupted("apps.roadmap", model_dir, error)
     print(roadmap.format_markdown(rows, []), end="")
     print(f"Tables and figure in {model_dir}: {roadmap.TABLE_MD}, {roadmap.FIGURE}.")
 

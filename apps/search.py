@@ -10,9 +10,10 @@ for DARTS' second order):
 
     python -m apps.search --dataset=cifar10 --model_dir=runs/search_pibconv
 
-Interrupted? Continue from the last epoch's checkpoint:
+Interrupted (Ctrl-C stops after the current step with a checkpoint of it)? Continue where it
+stopped; the stored configuration is reused, and a flag given with another value is refused:
 
-    python -m apps.search --dataset=cifar10 --model_dir=runs/search_pibconv --resume
+    python -m apps.search --resume --model_dir=runs/search_pibconv
 
 Outputs in --model_dir: config.json, genotype.json (final), genotypes.jsonl, alphas.npz,
 metrics.jsonl, tensorboard/, checkpoints/.
@@ -24,6 +25,9 @@ from absl import flags
 
 from pibconv_tf.model import search_spaces
 from pibconv_tf.search import run
+from pibconv_tf.search.config import SearchConfig
+
+FLAGS = flags.FLAGS
 
 _SHARED = common.define(
     "dataset",
@@ -31,6 +35,7 @@ _SHARED = common.define(
     "image_size",
     "seed",
     "strategy",
+    "sync_batch_norm",
     "model_dir",
     "resume",
     "overwrite",
@@ -91,40 +96,59 @@ _RUN_EAGERLY = flags.DEFINE_bool(
 _VERBOSE = flags.DEFINE_integer("verbose", 1, "Keras fit verbosity: 0 silent, 1 bar, 2 lines.")
 
 
+# Flag -> SearchConfig field, for every flag that feeds the config (the same names).
+CONFIG_FLAGS = (
+    "model_dir",
+    "dataset",
+    "data_dir",
+    "image_size",
+    "seed",
+    "strategy",
+    "sync_batch_norm",
+    "resume",
+    "overwrite",
+    "mixed_precision",
+    "jit_compile",
+    "search_space",
+    "init_channels",
+    "layers",
+    "nodes",
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "learning_rate_min",
+    "momentum",
+    "weight_decay",
+    "grad_clip",
+    "arch_learning_rate",
+    "arch_weight_decay",
+    "train_portion",
+    "unrolled",
+    "steps_per_epoch",
+    "stop_after_epoch",
+    "run_eagerly",
+    "verbose",
+)
+
+
+def config_from_flags():
+    """The SearchConfig of the command line; with --resume, the run's stored configuration
+    with the flags given again laid over it (a differing one is refused by name)."""
+    values = {name: FLAGS[name].value for name in CONFIG_FLAGS}
+    if values["resume"]:
+        overrides = {name: values[name] for name in CONFIG_FLAGS if FLAGS[name].present}
+        overrides.pop("resume", None)
+        return run.resumed_config(values["model_dir"], overrides)
+    return SearchConfig.from_dict(values)
+
+
 def main(argv):
     del argv
-    config = {
-        "model_dir": _SHARED.model_dir.value,
-        "dataset": _SHARED.dataset.value,
-        "data_dir": _SHARED.data_dir.value,
-        "image_size": _SHARED.image_size.value,
-        "seed": _SHARED.seed.value,
-        "strategy": _SHARED.strategy.value,
-        "resume": _SHARED.resume.value,
-        "overwrite": _SHARED.overwrite.value,
-        "mixed_precision": _SHARED.mixed_precision.value,
-        "jit_compile": _SHARED.jit_compile.value,
-        "search_space": _SEARCH_SPACE.value,
-        "init_channels": _INIT_CHANNELS.value,
-        "layers": _LAYERS.value,
-        "nodes": _NODES.value,
-        "epochs": _EPOCHS.value,
-        "batch_size": _BATCH_SIZE.value,
-        "learning_rate": _LEARNING_RATE.value,
-        "learning_rate_min": _LEARNING_RATE_MIN.value,
-        "momentum": _MOMENTUM.value,
-        "weight_decay": _WEIGHT_DECAY.value,
-        "grad_clip": _GRAD_CLIP.value,
-        "arch_learning_rate": _ARCH_LEARNING_RATE.value,
-        "arch_weight_decay": _ARCH_WEIGHT_DECAY.value,
-        "train_portion": _TRAIN_PORTION.value,
-        "unrolled": _UNROLLED.value,
-        "steps_per_epoch": _STEPS_PER_EPOCH.value,
-        "stop_after_epoch": _STOP_AFTER_EPOCH.value,
-        "run_eagerly": _RUN_EAGERLY.value,
-        "verbose": _VERBOSE.value,
-    }
-    genotype = run.run_search(config)
+    config = config_from_flags()
+    try:
+        genotype = run.run_search(config)
+    except KeyboardInterrupt as error:
+        common.interrupted("apps.search", config.model_dir, error)
     print(genotype.to_json(indent=2))
 
 

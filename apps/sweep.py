@@ -37,8 +37,8 @@ def main(argv):
         config = train_config.TrainConfig(layers=layer_counts[0], **values)
     try:
         rows = sweep.run_sweep(config, layer_counts)
-    except KeyboardInterrupt:
-        train_app.interrupted("apps.sweep", config.model_dir)
+    except KeyboardInterrupt as error:
+        common.interrupted("apps.sweep", config.model_dir, error)
     print(sweep.format_markdown(rows), end="")
 
 

@@ -14,7 +14,6 @@ weight decay 3e-4, clip 5, cutout 16, drop path 0.2, auxiliary weight 0.4). `--r
 
 from apps import common  # noqa: I001 (first: quiets TensorFlow before it loads)
 
-import sys
 
 from absl import flags, logging
 
@@ -29,6 +28,7 @@ _SHARED = common.define(
     "image_size",
     "seed",
     "strategy",
+    "sync_batch_norm",
     "model_dir",
     "resume",
     "overwrite",
@@ -97,6 +97,7 @@ CONFIG_FLAGS = (
     "eval_every",
     "steps_per_epoch",
     "strategy",
+    "sync_batch_norm",
     "mixed_precision",
     "jit_compile",
     "model_dir",
@@ -136,15 +137,6 @@ def config_from_flags(layers):
     return train_config.TrainConfig(layers=layers, **values)
 
 
-def interrupted(app, model_dir):
-    """Ctrl-C: the last finished epoch is checkpointed; say how to continue, exit 130."""
-    print(
-        f"\nInterrupted; continue with: python -m {app} --resume --model_dir={model_dir}",
-        file=sys.stderr,
-    )
-    sys.exit(130)
-
-
 def main(argv):
     del argv
     if not FLAGS["verbosity"].present:
@@ -158,8 +150,8 @@ def main(argv):
     config = config_from_flags(layers[0])
     try:
         result = training.train(config)
-    except KeyboardInterrupt:
-        interrupted("apps.train", config.model_dir)
+    except KeyboardInterrupt as error:
+        common.interrupted("apps.train", config.model_dir, error)
     print(
         f"Trained {result['epochs']} epochs: test top-1 {100 * result['test_accuracy']:.2f}% "
         f"(best {100 * result['best_test_accuracy']:.2f}% at epoch {result['best_epoch']}); "

@@ -51,6 +51,8 @@ def default_threads():
 
 def check_model_file(path):
     """Raises `RunnerError` unless `path` is a readable file that starts like a TFLite model."""
+    if os.path.isdir(path):
+        raise RunnerError(f"Model {path!r} is a directory; pass the .tflite file in it.")
     if not os.path.isfile(path):
         raise RunnerError(f"Model file {path!r} does not exist.")
     try:
@@ -125,6 +127,8 @@ def read_images(paths):
     """Decodes each image file (any Pillow format) to an RGB `PIL.Image`."""
     images = []
     for path in paths:
+        if os.path.isdir(path):
+            raise RunnerError(f"Image {path!r} is a directory; pass the image files in it.")
         if not os.path.isfile(path):
             raise RunnerError(f"Image file {path!r} does not exist.")
         try:

@@ -38,7 +38,7 @@ _API = {
     "run_search": "pibconv_tf.search.run",
     "TrainConfig": "pibconv_tf.train.config",
     "run_training": ("pibconv_tf.train.run", "train"),  # `train` is the subpackage
-    "load_model": "pibconv_tf.evaluation",
+    "load_model": "pibconv_tf.model.saving",
     "UserInputError": "pibconv_tf.errors",
 }
 __all__ = sorted(_API)

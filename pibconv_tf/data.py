@@ -577,6 +577,12 @@ def search_pipeline(
     return ds.with_options(_options()), smallest // global_batch_size
 
 
+def _epoch_seed(seed: int, epoch, stream: int):
+    """A seed for stream `stream` of epoch `epoch` (an int or an int64 tensor) of a run
+    seeded `seed`."""
+    return tf.cast(epoch, tf.int64) * 101 + (int(seed) * 1_000_003 + stream)
+
+
 def randaugment_layer(magnitude: float, seed: int = 0):
     """keras-cv's RandAugment on 0..255 pixels: two of its operations per image, at
     `magnitude` in (0, 1] (Cubuk et al., arXiv 1909.13719)."""
@@ -605,7 +611,18 @@ def train_pipeline(
     size may erase it whole) from a per-batch seed that changes every epoch. `randaugment`
     > 0 first applies keras-cv's RandAugment at that magnitude (not in DARTS' recipe; its
     draws come from keras-cv's own generators, so they are not replayed on a resume).
+    `train_epochs` gives the same batches as a fixed function of (seed, epoch).
     """
+    options = _train_options(
+        source, global_batch_size, cutout_length, crop_padding, randaugment, drop_remainder
+    )
+    ds = source.split("train").shuffle(options["buffer"], seed=seed)
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+    return _train_batches(ds, seeds, augment, seed, **options)
+
+
+def _train_options(source, global_batch_size, cutout_length, crop_padding, randaugment, drop):
+    """Validates `train_pipeline`'s options; returns those `_train_batches` takes."""
     info = source.info
     if isinstance(cutout_length, bool) or not isinstance(cutout_length, numbers.Integral):
         raise UserInputError(f"cutout_length must be an integer >= 0, got {cutout_length!r}.")
@@ -616,25 +633,88 @@ def train_pipeline(
             f"crop_padding must be from 0 to {info.image_size // 2} (half of image_size), "
             f"got {crop_padding!r}."
         )
-    _check_batch_size(global_batch_size, info.num_train if drop_remainder else None, "train")
-    fits = _fits_in_memory(info.num_train, info.image_size)
-    ds = source.split("train").shuffle(info.num_train if fits else 16384, seed=seed)
-    ds = ds.batch(global_batch_size, drop_remainder=drop_remainder)
     if not 0.0 <= randaugment <= 1.0:
         raise UserInputError(f"randaugment must be a magnitude in [0, 1], got {randaugment!r}.")
-    if augment and randaugment > 0:
-        layer = randaugment_layer(randaugment, seed)
+    _check_batch_size(global_batch_size, info.num_train if drop else None, "train")
+    fits = _fits_in_memory(info.num_train, info.image_size)
+    return dict(
+        info=info,
+        batch_size=global_batch_size,
+        drop_remainder=drop,
+        buffer=info.num_train if fits else 16384,
+        cutout_length=cutout_length,
+        crop_padding=crop_padding,
+        randaugment=randaugment,
+    )
+
+
+def _train_batches(ds, seeds, augment, seed, info, batch_size, drop_remainder, buffer, **o):
+    """Shuffled examples `ds` batched and augmented, batch i from the i-th of `seeds`."""
+    del buffer  # the caller's shuffle used it
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    if augment and o["randaugment"] > 0:
+        layer = o.get("randaugment_layer") or randaugment_layer(o["randaugment"], seed)
         ds = ds.map(lambda x, y: (layer(tf.cast(x, tf.float32), training=True), y), AUTOTUNE)
     if augment:
-        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        cutout, padding = o["cutout_length"], o["crop_padding"]
         ds = tf.data.Dataset.zip(ds, seeds).map(
-            lambda xy, s: (augment_batch(xy[0], s, info, cutout_length, crop_padding), xy[1]),
+            lambda xy, s: (augment_batch(xy[0], s, info, cutout, padding), xy[1]),
             AUTOTUNE,
             True,
         )
     else:
         ds = ds.map(lambda x, y: (normalize(x, info), y), AUTOTUNE, True)
     return ds.prefetch(AUTOTUNE).with_options(_options())
+
+
+def train_steps_per_epoch(source: Source, global_batch_size: int) -> int:
+    """Batches in one epoch of `train_epochs` (the last partial batch dropped)."""
+    return source.info.num_train // global_batch_size
+
+
+def train_epochs(
+    source: Source,
+    global_batch_size: int,
+    first_epoch: int,
+    epochs: int,
+    skip: int = 0,
+    steps_per_epoch: int = 0,
+    seed: int = 0,
+    cutout_length: int = 16,
+    augment: bool = True,
+    crop_padding: int = 4,
+    randaugment: float = 0.0,
+) -> tf.data.Dataset:
+    """The training batches of epochs `first_epoch`..`epochs - 1`, one after another, each
+    epoch a function of (`seed`, epoch) alone.
+
+    Epoch e is `train_pipeline`'s epoch with its shuffle seeded by (seed, e) and its
+    augmentation draws by (seed, e, batch), so a run resumed at any epoch (and, with `skip`,
+    at any step of it) reads the batches an uninterrupted run reads there (RandAugment's
+    draws excepted). `steps_per_epoch` > 0 caps each epoch at that many batches.
+    """
+    options = _train_options(
+        source, global_batch_size, cutout_length, crop_padding, randaugment, True
+    )
+    steps = train_steps_per_epoch(source, global_batch_size)
+    steps = min(steps, steps_per_epoch) if steps_per_epoch else steps
+    if augment and randaugment > 0:  # one layer (its generator state) for every epoch
+        options["randaugment_layer"] = randaugment_layer(randaugment, seed)
+
+    def epoch(index):
+        # Seeds from (seed, epoch) alone: without this, the function's graph would mix in
+        # tf.random.set_seed's global seed (and, at 0, fail comparing a tensor seed to 0).
+        tf.compat.v1.get_default_graph().seed = None
+        ds = source.split("train").shuffle(
+            options["buffer"], seed=_epoch_seed(seed, index, 0), reshuffle_each_iteration=False
+        )
+        base = _epoch_seed(seed, index, 1)
+        seeds = tf.data.Dataset.range(2**31).map(lambda i: tf.stack([base, i]))
+        return _train_batches(ds, seeds, augment, seed, **options).take(steps)
+
+    first = tf.data.Dataset.range(first_epoch, min(first_epoch + 1, epochs)).flat_map(epoch)
+    later = tf.data.Dataset.range(first_epoch + 1, epochs).flat_map(epoch)
+    return first.skip(skip).concatenate(later)
 
 
 def eval_pipeline(source: Source, global_batch_size: int, split: str = "test") -> tf.data.Dataset:

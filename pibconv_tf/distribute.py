@@ -1,7 +1,9 @@
 """One factory for tf.distribute strategies, shared by search, training and benchmarks."""
 
+import contextlib
 import os
 
+import keras
 import tensorflow as tf
 
 from pibconv_tf.errors import UserInputError
@@ -27,6 +29,8 @@ def get_strategy(name="auto", devices=None):
         raise UserInputError(
             f"Unknown --strategy {name!r}; expected one of {', '.join(STRATEGIES)}."
         )
+    if keras.backend.backend() == "jax":
+        return JaxDistribution(name)
     gpus = tf.config.list_logical_devices("GPU")
     if name == "auto":
         if len(gpus) > 1:
@@ -38,6 +42,47 @@ def get_strategy(name="auto", devices=None):
     if name == "mirrored":
         return tf.distribute.MirroredStrategy(devices=devices)
     return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+class JaxDistribution:
+    """On Keras' JAX backend, what `get_strategy` returns: data parallelism over the local
+    devices with `keras.distribution.DataParallel` (jit shards each batch and all-reduces
+    the gradients), with the small interface of a tf.distribute strategy that the runs use.
+
+    "auto" and "mirrored" use every local device (one device: no distribution);
+    "one_device" the first; "multi_worker_mirrored" is TensorFlow's and is refused.
+    """
+
+    def __init__(self, name):
+        import jax  # noqa: PLC0415
+
+        if name == "multi_worker_mirrored":
+            raise UserInputError(
+                "--strategy=multi_worker_mirrored is TensorFlow's; on JAX run one process "
+                "per host with jax.distributed, or use --backend=tensorflow."
+            )
+        devices = jax.local_devices()
+        self.devices = devices[:1] if name == "one_device" else devices
+        self.num_replicas_in_sync = len(self.devices)
+        self.cluster_resolver = None
+        if len(self.devices) > 1:
+            ids = [f"{d.platform}:{d.id}" for d in self.devices]
+            keras.distribution.set_distribution(keras.distribution.DataParallel(devices=ids))
+
+    def scope(self):
+        return contextlib.nullcontext()
+
+
+def is_chief(strategy):
+    """Whether this process writes a run's files: the chief of a multi-worker strategy
+    (TF_CONFIG's "chief", else worker 0), and every single-process run."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(resolver, "task_type", None):
+        return True
+    if resolver.task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
 
 
 def configure_graph_optimizer(mode="auto"):
@@ -152,3 +197,35 @@ def _cpu_name():
     import platform
 
     return platform.processor() or "CPU"
+
+
+MOVING_STATISTICS = ("moving_mean", "moving_variance")
+
+
+def reconcile_moving_statistics(model, strategy=None):
+    """Sets every BatchNorm moving mean and variance of `model` to its mean over the replicas.
+
+    Keras creates the moving statistics without an aggregation, so under a strategy each
+    replica updates its own copy from its own data and reading one (to evaluate, to save a
+    checkpoint) gives replica 0's. Called at each epoch's end (and before an interrupt's
+    checkpoint), this makes every replica hold the mean, across workers too. A no-op on one
+    replica.
+
+    Returns:
+        How many variables were set.
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+    if strategy.num_replicas_in_sync == 1:
+        return 0
+    variables = [
+        v.value if hasattr(v, "value") else v
+        for v in model.non_trainable_variables
+        if v.path.rsplit("/", 1)[-1] in MOVING_STATISTICS
+    ]
+    if not variables:
+        return 0
+    local = strategy.run(lambda: [tf.identity(v) for v in variables])
+    means = strategy.reduce(tf.distribute.ReduceOp.MEAN, local, axis=None)
+    for variable, mean in zip(variables, means, strict=True):
+        variable.assign(mean)
+    return len(variables)

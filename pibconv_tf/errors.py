@@ -12,3 +12,11 @@ class UserInputError(ValueError):
 
 class RunError(RuntimeError):
     """A run that cannot go on (e.g. a non-finite loss): the message is for people."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C after writing a checkpoint; the message says how to continue."""
+
+    def __init__(self, message):
+        super().__init__(message)
+        self.message = message

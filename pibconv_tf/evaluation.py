@@ -15,15 +15,13 @@ import dataclasses
 import json
 import os
 import time
-import zipfile
 
-import keras
 import numpy as np
 import tensorflow as tf
 
 from pibconv_tf import data, runs
 from pibconv_tf.errors import UserInputError
-from pibconv_tf.model import complexity, networks
+from pibconv_tf.model import complexity, networks, saving
 
 
 @dataclasses.dataclass
@@ -53,23 +51,8 @@ class EvaluateConfig:
 
 
 def load_model(path):
-    """Loads a `.keras` model, turning a missing or unreadable file into UserInputError."""
-    import pibconv_tf.model.networks  # noqa: F401 (registers the layers for deserialisation)
-
-    if not path:
-        raise UserInputError("--model is required: the path of a .keras model.")
-    if not os.path.isfile(path):
-        raise UserInputError(f"--model {path!r} does not exist or is not a file.")
-    if not zipfile.is_zipfile(path):
-        raise UserInputError(f"--model {path!r} is not a .keras model file (not a zip archive).")
-    try:
-        return keras.saving.load_model(path)
-    except Exception as error:  # Keras raises many types for a damaged or foreign archive
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
-        raise UserInputError(
-            f"--model {path!r} could not be loaded as a Keras model "
-            f"({type(error).__name__}: {reason})."
-        ) from error
+    """Loads a `.keras` model (`model.saving.load_model`: one sentence for a bad file)."""
+    return saving.load_model(path)
 
 
 def logits_model(model):

@@ -181,3 +181,25 @@ class TorchAdam(keras.optimizers.Optimizer):
             "epsilon": self.epsilon,
             "coupled_weight_decay": self.coupled_weight_decay,
         }
+
+
+class EpochLearningRate(keras.callbacks.Callback):
+    """Sets the optimizer's learning rate at each epoch's start from `schedule.at_epoch`.
+
+    DARTS steps its cosine once per epoch; setting it by epoch (rather than deriving it from
+    the optimizer's step count) keeps it on the epoch boundaries when float16 loss scaling
+    skips steps, and the logged rate is the rate used.
+
+    Args:
+        schedule: an `EpochCosineDecay` (or anything with `at_epoch(epoch)`).
+        optimizer: the optimizer to set (default: the model's).
+    """
+
+    def __init__(self, schedule, optimizer=None):
+        super().__init__()
+        self.schedule = schedule
+        self.optimizer = optimizer
+
+    def on_epoch_begin(self, epoch, logs=None):
+        optimizer = self.optimizer or self.model.optimizer
+        optimizer.learning_rate = float(self.schedule.at_epoch(epoch))

@@ -11,18 +11,24 @@ last checkpoint) or `--overwrite` (start over); anything else is refused before 
 touched.
 """
 
+import atexit
+import contextlib
 import json
 import math
 import os
 import pathlib
 import shutil
+import signal
+import socket
+import sys
 import tempfile
+import threading
 import time
 
 import keras
 import numpy as np
-import tensorflow as tf
 
+from pibconv_tf import checkpoints
 from pibconv_tf.errors import RunError, UserInputError
 
 # The names of the files in a run directory (search, training, sweeps, roadmaps).
@@ -38,6 +44,7 @@ MODEL = "model.keras"  # the trained logits-only float32 model
 BEST_MODEL = "model_best.keras"
 BEST = "best.json"  # the epoch and test top-1 of model_best.keras
 RESULT = "result.json"  # a finished training run's summary
+LOCK = ".lock"  # the process running in the directory
 
 
 class RunDir:
@@ -51,10 +58,15 @@ class RunDir:
     def __init__(self, path, resumed=False):
         self.path = pathlib.Path(path)
         self.resumed = resumed
+        self._lock = None
 
     @classmethod
-    def prepare(cls, path, resume=False, overwrite=False):
-        """Validates `path` for a new or resumed run, creating or emptying it as asked."""
+    def prepare(cls, path, resume=False, overwrite=False, lock=True):
+        """Validates `path` for a new or resumed run, creating or emptying it as asked.
+
+        With `lock`, the directory is locked for this process (`RunLock`) before anything
+        in it changes; a second run on it is refused.
+        """
         if not path:
             raise UserInputError("--model_dir is required: where the run writes its outputs.")
         if resume and overwrite:
@@ -62,22 +74,40 @@ class RunDir:
         path = pathlib.Path(path)
         if path.exists() and not path.is_dir():
             raise UserInputError(f"--model_dir {str(path)!r} exists and is not a directory.")
-        non_empty = path.is_dir() and any(path.iterdir())
+        run = cls(path, resumed=resume)
         if resume:
-            if not latest_checkpoint(path):
+            if not checkpoints.exists(path):
+                if checkpoints.legacy(path):
+                    raise UserInputError(
+                        f"{str(path)!r} holds TensorFlow checkpoints of pibconv_tf 0.1, which "
+                        "this version cannot resume; start a new run (its files stay)."
+                    )
                 raise UserInputError(
                     f"--resume was given but {str(path)!r} holds no checkpoint to resume from."
                 )
-            return cls(path, resumed=True)
+            if lock:
+                run._lock = RunLock.acquire(path)
+            return run
+        non_empty = path.is_dir() and any(path.iterdir())
         if non_empty and not overwrite:
             raise UserInputError(
                 f"--model_dir {str(path)!r} is not empty; pass --resume to continue that run "
                 "or --overwrite to replace it."
             )
-        if non_empty:
-            shutil.rmtree(path)
         path.mkdir(parents=True, exist_ok=True)
-        return cls(path)
+        if lock:
+            run._lock = RunLock.acquire(path)
+        if non_empty:
+            for child in path.iterdir():
+                if child.name == LOCK:
+                    continue
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        return run
+
+    def release(self):
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def file(self, name):
         return self.path / name
@@ -105,47 +135,121 @@ class RunDir:
         write_text_atomic(self.file(name), text)
         return records
 
-    def checkpoint_manager(self, max_to_keep=2, **trackables):
-        """A tf.train.CheckpointManager over `trackables` (models, optimizers, variables).
-
-        Keras models and optimizers are checkpointed as `checkpoint_variables` of them:
-        every variable they hold, trainable or not, by path (TensorFlow's object graph of a
-        Keras 3 model misses the variables of layers held in lists, such as the BatchNorm
-        statistics inside a cell's operations).
-        """
-        checkpoint = tf.train.Checkpoint(
-            **{name: checkpoint_variables(value) for name, value in trackables.items()}
-        )
-        return tf.train.CheckpointManager(
-            checkpoint, str(self.file(CHECKPOINT_DIR)), max_to_keep=max_to_keep
-        )
+    def checkpoints(self, keep=2, writer=True, **groups):
+        """The run's `checkpoints.Checkpoints` of `groups` (models, optimizers, metrics)."""
+        return checkpoints.Checkpoints(self.path, keep=keep, writer=writer, **groups)
 
 
-def checkpoint_variables(value):
-    """{path: tf.Variable} of every variable of a Keras model, layer or optimizer; any other
-    value (a tf.Variable) as it is."""
-    if not isinstance(value, (keras.layers.Layer, keras.optimizers.Optimizer)):
-        return value
-    variables = list(value.variables)
-    paths = [variable.path for variable in variables]
-    if len(set(paths)) != len(paths):
-        repeated = sorted({path for path in paths if paths.count(path) > 1})
-        raise ValueError(f"{value.name!r} holds several variables at the paths {repeated}.")
-    return {path: getattr(v, "value", v) for path, v in zip(paths, variables, strict=True)}
+class RunLock:
+    """`<model_dir>/.lock`, naming the process that runs in the directory.
+
+    A second run on the same directory is refused while that process lives; the lock of a
+    process that died (killed, crashed) is taken over with a message. Released at exit.
+    """
+
+    def __init__(self, path):
+        self.path = path
+
+    @classmethod
+    def acquire(cls, directory):
+        path = pathlib.Path(directory) / LOCK
+        path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _read_lock(path)
+                if holder is not None and _alive(holder):
+                    started = time.strftime("%Y-%m-%d %H:%M", time.localtime(holder["started"]))
+                    raise UserInputError(
+                        f"--model_dir {str(directory)!r} is in use by process {holder['pid']} "
+                        f"on {holder['host']} (since {started}); wait for it to end, or stop "
+                        "it, before starting another run there."
+                    ) from None
+                if holder is None or holder.get("pid") != os.getpid():
+                    previous = (
+                        "an unreadable lock" if holder is None else f"process {holder['pid']}"
+                    )
+                    print(
+                        f"Taking over {str(path)!r}: {previous} no longer runs there.",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                continue
+            with os.fdopen(fd, "w") as stream:
+                json.dump(me, stream)
+            lock = cls(path)
+            atexit.register(lock.release)
+            return lock
+        raise UserInputError(f"Could not lock {str(path)!r}; another process keeps taking it.")
+
+    def release(self):
+        holder = _read_lock(self.path)
+        if holder is not None and holder.get("pid") == os.getpid():
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
 
 
-def latest_checkpoint(path):
-    return tf.train.latest_checkpoint(str(pathlib.Path(path) / CHECKPOINT_DIR))
+def _read_lock(path):
+    try:
+        holder = json.loads(pathlib.Path(path).read_text())
+        return holder if isinstance(holder, dict) and "pid" in holder else None
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(holder):
+    """Whether the lock's process still runs (this process's own lock counts as free: a
+    run that ended in it without releasing, e.g. on an exception)."""
+    if holder.get("host") != socket.gethostname():
+        return True  # another machine's process: assume it runs
+    pid = int(holder["pid"])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def same_directory(a, b):
+    """Whether two --model_dir values name the same directory (trailing slashes, relative
+    paths and symbolic links resolved)."""
+    return pathlib.Path(a).resolve() == pathlib.Path(b).resolve()
+
+
+def has_checkpoint(path):
+    """Whether the run directory `path` holds a checkpoint to resume from."""
+    return checkpoints.exists(path)
+
+
+@contextlib.contextmanager
+def atomic_file(path, mode="w"):
+    """A stream whose content replaces `path` only once the block completes (a crash never
+    leaves half a file), with the usual permissions (not mkstemp's 0600)."""
+    path = pathlib.Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, mode) as stream:
+            yield stream
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def write_text_atomic(path, text):
-    """Writes `text` to `path` through a temporary file, so a crash never leaves half a file."""
-    path = pathlib.Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as stream:
+    """Writes `text` to `path` through a temporary file (`atomic_file`)."""
+    with atomic_file(path) as stream:
         stream.write(text)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
-    os.replace(tmp, path)
 
 
 def _umask():
@@ -161,6 +265,30 @@ def write_json_atomic(path, data):
 def _python(value):
     value = np.asarray(value)
     return value.item() if value.size == 1 else value.tolist()
+
+
+def interrupted(model):
+    """Whether `Interrupt` stopped the current epoch of `model`'s fit (its end is partial:
+    nothing is logged, evaluated or checkpointed for it)."""
+    return getattr(model, "interrupted_at", None) is not None
+
+
+def sync_state(model):
+    """Makes the variables of `model` (a trainer) what they are: a JAX fit's state written
+    back into them, and the replicas' BatchNorm statistics reconciled (the trainer's
+    `sync_replicas`) under a tf.distribute strategy."""
+    for name in ("jax_state_sync", "sync_replicas"):
+        sync = getattr(model, name, None)
+        if sync is not None:
+            sync()
+
+
+class SyncState(keras.callbacks.Callback):
+    """`sync_state` first thing at each epoch's end, before evaluation, logs and checkpoints
+    read the variables."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        sync_state(self.model)
 
 
 class EpochLogger(keras.callbacks.Callback):
@@ -183,6 +311,8 @@ class EpochLogger(keras.callbacks.Callback):
         self._start = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
+        if interrupted(self.model):
+            return
         record = {"epoch": epoch + 1, "seconds": round(time.perf_counter() - self._start, 3)}
         record.update({key: _python(value) for key, value in (logs or {}).items()})
         if self.extra is not None:
@@ -191,23 +321,94 @@ class EpochLogger(keras.callbacks.Callback):
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
-    """Saves `manager`'s checkpoint after each epoch, with `epoch_variable` set to epochs done.
+    """Saves the run's checkpoint after each complete epoch with a finite loss.
 
     Args:
-        manager: a `tf.train.CheckpointManager` whose checkpoint tracks `epoch_variable`.
-        epoch_variable: an integer variable holding the number of completed epochs.
+        checkpoints: the run's `checkpoints.Checkpoints`.
     """
 
-    def __init__(self, manager, epoch_variable):
+    def __init__(self, checkpoints):
         super().__init__()
-        self.manager = manager
-        self.epoch_variable = epoch_variable
+        self.checkpoints = checkpoints
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.model.stop_training and not _finite(logs):
+        if interrupted(self.model) or (self.model.stop_training and not _finite(logs)):
             return
-        self.epoch_variable.assign(epoch + 1)
-        self.manager.save(checkpoint_number=epoch + 1)
+        sync_state(self.model)
+        self.checkpoints.save(epoch + 1)
+
+
+class Interrupt(keras.callbacks.Callback):
+    """Ctrl-C (SIGINT) stops the run after the current step, with a checkpoint of it.
+
+    The checkpoint (`epoch-E-step-S.npz`) holds the state after step S of epoch E + 1,
+    metric accumulators included, so `--resume` continues the epoch where it stopped and
+    ends as the run would have. A second Ctrl-C stops at once (the last epoch's checkpoint
+    stays). `saved` is the checkpoint's path once written.
+
+    Args:
+        checkpoints: the run's `checkpoints.Checkpoints`.
+        first_step: steps of the first epoch already done (a resumed partial epoch).
+    """
+
+    def __init__(self, checkpoints, first_step=0):
+        super().__init__()
+        self.checkpoints = checkpoints
+        self.first_step = first_step
+        self.requested = False
+        self.saved = None
+        self._previous = None
+        self._epoch = 0
+        self._offset = first_step
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nStopping after this step (Ctrl-C again to stop at once)...", file=sys.stderr)
+
+    def on_train_begin(self, logs=None):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+
+    def on_train_end(self, logs=None):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch != self._epoch:
+            self._offset = 0
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not self.requested or self.saved is not None:
+            return
+        sync_state(self.model)
+        step = self._offset + batch + 1
+        self.saved = self.checkpoints.save(self._epoch, step)
+        self.model.interrupted_at = (self._epoch, step)
+        self.model.stop_training = True
+
+
+class RestoreMetrics(keras.callbacks.Callback):
+    """Puts back the metric accumulators of a checkpoint taken mid-epoch after fit has reset
+    them at the start of that epoch (the resumed epoch then reports what it would have)."""
+
+    def __init__(self, metrics, epoch):
+        super().__init__()
+        self.values = [(variable, keras.ops.convert_to_numpy(variable)) for variable in metrics]
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            for variable, value in self.values:
+                variable.assign(value)
+
+
+def metric_variables(model):
+    """The variables of `model.metrics`, in order."""
+    return [variable for metric in model.metrics for variable in metric.variables]
 
 
 def _finite(logs):
@@ -237,7 +438,7 @@ class StopOnNonFinite(keras.callbacks.Callback):
     def check(self, checkpoint_dir):
         if self.bad_batch is not None:
             epoch, batch, logs = self.bad_batch
-            saved = (pathlib.Path(checkpoint_dir) / "checkpoint").is_file()
+            saved = checkpoints.exists(pathlib.Path(checkpoint_dir).parent)
             kept = (
                 f"the last good checkpoint in {checkpoint_dir} was kept"
                 if saved

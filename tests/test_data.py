@@ -218,6 +218,30 @@ def test_train_pipeline_is_seeded_reshuffled_and_augmented():
     np.testing.assert_array_equal(first[0][1], plain[0][1])
 
 
+def test_train_epochs_resumed_anywhere_read_what_the_whole_run_reads():
+    source = _id_source(num_train=40, size=16)
+
+    def batches(first, skip, global_seed):
+        tf.random.set_seed(global_seed)  # what keras.utils.set_random_seed does in the apps
+        ds = data.train_epochs(source, 8, first, 3, skip=skip, cutout_length=4, seed=5)
+        return [x.numpy() for x, _ in ds]
+
+    whole = batches(0, 0, 0)
+    assert len(whole) == 15  # 3 epochs of 5 batches
+    resumed = batches(1, 2, 7)  # epoch 2 from its third batch, another global seed
+    assert len(resumed) == 8
+    for a, b in zip(whole[7:], resumed, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # Each epoch is a new order (every id once) and new augmentation draws.
+    plain = data.train_epochs(source, 8, 0, 3, augment=False, seed=5)
+    ids = np.concatenate([_ids(x, source.info) for x, _ in plain]).reshape(3, 40)
+    for e in range(3):
+        np.testing.assert_array_equal(np.sort(ids[e]), np.arange(40))
+    assert not np.array_equal(ids[0], ids[1])
+    assert not np.array_equal(whole[0], whole[5])
+    assert len(batches(3, 0, 0)) == 0  # a finished run reads nothing
+
+
 def test_randaugment_from_keras_cv_changes_images_before_the_darts_transform():
     source = _id_source(num_train=16, size=16)
     darts = list(data.train_pipeline(source, 8, cutout_length=0, crop_padding=0, seed=3))

@@ -326,6 +326,8 @@ def test_benchmark_text_with_image_and_default_threads(workdir):
         ),
         (lambda r: ["--model=" + str(r / "int8.tflite"), "--top_k=0", r / "red.png"], "--top_k"),
         (lambda r: ["--model=" + str(r / "int8.tflite"), "--threads=0", r / "red.png"], "threads"),
+        (lambda r: ["--model=" + str(r / "int8.tflite"), r], "is a directory; pass the image"),
+        (lambda r: ["--model=" + str(r), r / "red.png"], "is a directory; pass the .tflite"),
     ],
     ids=[
         "no-model",
@@ -336,6 +338,8 @@ def test_benchmark_text_with_image_and_default_threads(workdir):
         "no-labels",
         "top-k",
         "threads",
+        "image-directory",
+        "model-directory",
     ],
 )
 def test_bad_input_fails_with_one_sentence(workdir, make_args, message):

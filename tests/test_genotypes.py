@@ -47,7 +47,7 @@ def _edit(cell="normal", position=0, edge=None, **fields):
         (_edit(search_space="vit"), "search_space 'vit'"),
         ('{"normal": []}', "lacks the keys"),
         ("{not json", "does not parse"),
-        (_edit(edge=("pib_conv_3x3", "x")), "malformed"),
+        (_edit(edge=("pib_conv_3x3", "x")), "input is 'x'; expected a whole number"),
     ],
 )
 def test_validation_errors_name_the_problem(text, message):

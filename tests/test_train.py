@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -268,7 +269,7 @@ class TrainRunTest(TestCase):
         for builder in (build_other_layers, build_other_shapes):
             with (
                 mock.patch.object(training, "build_trainer", builder),
-                self.assertRaisesRegex(UserInputError, "does not match the network"),
+                self.assertRaisesRegex(UserInputError, "does not match the run being resumed"),
             ):
                 training.train(tiny_config(root, epochs=2, resume=True))
             after = {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()}
@@ -386,3 +387,130 @@ class TrainAppTest(TestCase):
         self.assertEqual((config["layers"], config["image_size"], config["epochs"]), (1, 8, 2))
         lines = (model_dir / "metrics.jsonl").read_text().splitlines()
         self.assertEqual([json.loads(line)["epoch"] for line in lines], [1, 2])
+
+
+# Long enough epochs (40 steps of 8 images) that a signal sent after epoch 1's checkpoint
+# lands inside epoch 2.
+_EXACT = [
+    "--dataset=digits",
+    "--image_size=8",
+    "--layers=1",
+    "--init_channels=4",
+    "--batch_size=8",
+    "--cutout_length=4",
+    "--steps_per_epoch=40",
+    "--epochs=3",
+    "--drop_path_prob=0.3",  # drop path draws in every step
+    "--verbose=0",
+]
+_TIMING = {"seconds", "train_seconds", "images_per_second"}
+
+
+def _metrics(model_dir):
+    lines = (Path(model_dir) / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in _TIMING} for line in lines]
+
+
+def _weights(model_dir):
+    return [w.copy() for w in keras.saving.load_model(Path(model_dir) / runs.MODEL).get_weights()]
+
+
+def _start(model_dir, *extra):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    command = [sys.executable, "-m", "apps.train", f"--model_dir={model_dir}", *_EXACT, *extra]
+    return subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _wait_for(path, process, timeout=600):
+    import time  # noqa: PLC0415
+
+    start = time.monotonic()
+    while not Path(path).exists():
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended (exit {process.returncode}) before {path}")
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"{path} did not appear in {timeout} s")
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+class ExactResumeTest(TestCase):
+    """A run stopped at any point and resumed ends with the weights and metrics of the run
+    that never stopped (issue 20): the same data order, augmentation draws and drop-path
+    masks, and every variable in the checkpoint (issue 21's BatchNorm statistics)."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.root = Path(tempfile.mkdtemp(prefix="pibconv_exact_"))
+        straight = run_app("train", f"--model_dir={cls.root / 'straight'}", *_EXACT)
+        assert straight.returncode == 0, straight.stderr[-3000:]
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.root, ignore_errors=True)
+        super().tearDownClass()
+
+    def assertSameRun(self, model_dir):
+        straight = self.root / "straight"
+        self.assertEqual(_metrics(model_dir), _metrics(straight))
+        for a, b in zip(_weights(model_dir), _weights(straight), strict=True):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+        self.assertEqual(
+            json.loads((Path(model_dir) / runs.RESULT).read_text())["test_accuracy"],
+            json.loads((straight / runs.RESULT).read_text())["test_accuracy"],
+        )
+
+    def test_killed_mid_epoch_and_resumed(self):
+        model_dir = self.root / "killed"
+        process = _start(model_dir)
+        _wait_for(model_dir / "checkpoints" / "epoch-0001.npz", process)
+        process.kill()  # SIGKILL: nothing of epoch 2 is saved
+        process.wait(timeout=60)
+        self.assertFalse((model_dir / runs.MODEL).exists(), "killed too late")
+        resumed = run_app("train", "--resume", f"--model_dir={model_dir}")
+        self.assertEqual(resumed.returncode, 0, resumed.stderr[-3000:])
+        self.assertIn("Taking over", resumed.stderr)  # the killed run's lock
+        self.assertSameRun(model_dir)
+
+    def test_ctrl_c_saves_the_step_and_resume_ends_as_the_uninterrupted_run(self):
+        model_dir = self.root / "interrupted"
+        process = _start(model_dir)
+        _wait_for(model_dir / "checkpoints" / "epoch-0001.npz", process)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+        self.assertEqual(process.returncode, 130, stderr[-3000:])
+        self.assertRegex(stderr, r"Stopped after step \d+ of epoch 2; saved .*epoch-0001-step-")
+        self.assertIn(f"python -m apps.train --resume --model_dir={model_dir}", stderr)
+        self.assertFalse((model_dir / runs.MODEL).exists())
+        resumed = run_app("train", "--resume", f"--model_dir={model_dir}")
+        self.assertEqual(resumed.returncode, 0, resumed.stderr[-3000:])
+        self.assertRegex(resumed.stdout, r"Resuming from .*step-\d+\.npz \(after step \d+ of")
+        self.assertSameRun(model_dir)
+
+    def test_resuming_a_finished_run_changes_nothing(self):
+        model_dir = self.root / "finished"
+        shutil.copytree(self.root / "straight", model_dir)
+        before = {
+            str(p.relative_to(model_dir)): p.read_bytes()
+            for p in model_dir.rglob("*")
+            if p.is_file()
+        }
+        again = run_app("train", "--resume", f"--model_dir={model_dir}")
+        self.assertEqual(again.returncode, 0, again.stderr[-3000:])
+        self.assertIn("is complete (3 of 3 epochs); nothing to do", again.stdout)
+        after = {
+            str(p.relative_to(model_dir)): p.read_bytes()
+            for p in model_dir.rglob("*")
+            if p.is_file()
+        }
+        self.assertEqual(after, before)  # model.keras byte-identical, result.json as it was
+
+    def test_resume_accepts_the_same_directory_written_otherwise(self):
+        model_dir = self.root / "relative"
+        shutil.copytree(self.root / "straight", model_dir)
+        relative = os.path.relpath(model_dir, REPO) + "/"
+        again = run_app("train", "--resume", f"--model_dir={relative}", "--epochs=3")
+        self.assertEqual(again.returncode, 0, again.stderr[-3000:])

@@ -31,7 +31,6 @@ import pathlib
 import shutil
 import tempfile
 import time
-import zipfile
 
 import keras
 import numpy as np
@@ -41,9 +40,8 @@ from absl import logging
 import pibconv_tf
 from pibconv_tf import data, runs
 from pibconv_tf.deploy import tflite
-from pibconv_tf.deploy.tflite import benchmark_tflite  # noqa: F401 (the benchmark app's entry)
 from pibconv_tf.errors import RunError, UserInputError
-from pibconv_tf.model import networks, pib_conv
+from pibconv_tf.model import networks, pib_conv, saving
 from pibconv_tf.model.cells import Cell
 from pibconv_tf.runs import write_json_atomic, write_text_atomic
 
@@ -192,15 +190,7 @@ def load_inference_model(path, implementation=None):
         implementation: switch every PIBConv to "depthwise" or "grouped" (None: keep).
     """
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise UserInputError(f"--model {str(path)!r} does not exist; pass a model.keras file.")
-    try:
-        model = keras.saving.load_model(path, compile=False)
-    except (ValueError, OSError, KeyError, TypeError, zipfile.BadZipFile) as error:
-        raise UserInputError(
-            f"--model {str(path)!r} could not be loaded as a Keras model ({error})."
-        ) from error
-    model = networks.inference_model(model)
+    model = networks.inference_model(saving.load_model(str(path)))
     shape = tuple(model.input.shape) if not isinstance(model.input, list | dict) else None
     if shape is None or len(shape) != 4 or shape[3] != 3 or shape[1] != shape[2]:
         raise UserInputError(

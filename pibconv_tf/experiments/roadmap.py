@@ -37,7 +37,7 @@ from pibconv_tf import evaluation, runs
 from pibconv_tf.errors import UserInputError
 from pibconv_tf.experiments import sweep
 from pibconv_tf.model import complexity, search_spaces
-from pibconv_tf.runs import CONFIG, latest_checkpoint, write_text_atomic
+from pibconv_tf.runs import CONFIG, has_checkpoint, write_text_atomic
 from pibconv_tf.search import run as search_run
 from pibconv_tf.search.config import SearchConfig
 from pibconv_tf.train import config as train_config
@@ -191,7 +191,7 @@ def _search(config, stage, seed):
     if os.path.isfile(genotype_path):
         _log(config, f"  search: finished earlier ({path})")
         return genotype_path
-    resume = latest_checkpoint(path) is not None
+    resume = has_checkpoint(path)
     overwrite = not resume and os.path.isdir(path) and bool(os.listdir(path))
     _log(config, f"  search: {'resuming' if resume else 'searching'} in {path}")
     search = dataclasses.replace(

@@ -23,7 +23,7 @@ import shutil
 from pibconv_tf import evaluation, runs
 from pibconv_tf.errors import UserInputError
 from pibconv_tf.model import complexity
-from pibconv_tf.runs import CONFIG, RunDir, latest_checkpoint, write_text_atomic
+from pibconv_tf.runs import CONFIG, RunDir, has_checkpoint, write_text_atomic
 from pibconv_tf.train import config as train_config
 from pibconv_tf.train import run as training
 
@@ -159,7 +159,7 @@ def train_or_resume(config, path, log=print):
     if result is not None:
         log(f"finished earlier, not retrained ({path}).")
         return result
-    resume = latest_checkpoint(path) is not None
+    resume = has_checkpoint(path)
     overwrite = not resume and os.path.isdir(path) and bool(os.listdir(path))
     log(f"{'resuming' if resume else 'training'} in {path}.")
     run = dataclasses.replace(config, model_dir=path, resume=resume, overwrite=overwrite)

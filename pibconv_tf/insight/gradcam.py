@@ -30,6 +30,7 @@ import keras
 import matplotlib
 import numpy as np
 import tensorflow as tf
+from absl import logging
 from tf_keras_vis.gradcam import Gradcam
 from tf_keras_vis.gradcam_plus_plus import GradcamPlusPlus
 from tf_keras_vis.scorecam import Scorecam
@@ -39,13 +40,10 @@ matplotlib.use("Agg")  # files only: never open a window
 from matplotlib import colormaps  # noqa: E402
 from matplotlib import pyplot as plt  # noqa: E402
 
-from pibconv_tf import (
-    data,
-    runs,  # noqa: E402
-)
+from pibconv_tf import data, runs  # noqa: E402
 from pibconv_tf.errors import UserInputError  # noqa: E402
-from pibconv_tf.insight import plots  # noqa: E402 (networks registers the layers)
-from pibconv_tf.model import networks
+from pibconv_tf.insight import plots  # noqa: E402
+from pibconv_tf.model import networks, saving  # noqa: E402 (networks registers the layers)
 from pibconv_tf.runs import write_json_atomic  # noqa: E402
 
 METHODS = ("gradcam", "gradcam++", "scorecam")
@@ -91,11 +89,7 @@ def model_path(spec):
 def load_classifier(spec, label=None):
     """Loads a saved network and the `dataset.json` beside it (if any) as a `Classifier`."""
     path = model_path(spec)
-    try:
-        model = keras.saving.load_model(path, compile=False)
-    except (OSError, ValueError, TypeError, KeyError) as error:
-        reason = str(error).strip().rstrip(".")
-        raise UserInputError(f"Model {str(path)!r} cannot be loaded: {reason}.") from error
+    model = saving.load_model(str(path))
     if isinstance(model.output, dict):
         model = networks.inference_model(model)
     if len(model.inputs) != 1 or len(model.input_shape) != 4:
@@ -373,6 +367,25 @@ def _info(classifier, inputs, config):
                 config.dataset, config.data_dir, config.image_size, config.seed
             )
         info = inputs.source.info
+    source = inputs.source
+    if classifier.info is not None and source is not None:
+        theirs, ours = tuple(source.info.class_names), tuple(classifier.info.class_names)
+        if theirs != ours:
+            if config.target == "label":
+                raise UserInputError(
+                    f"--target=label explains the labels of {source.info.name!r}, whose "
+                    f"classes differ from those model {classifier.path!r} was trained on "
+                    f"({classifier.info.name!r}); use --target=predicted or its dataset."
+                )
+            logging.warning(
+                "The images come from %r, whose classes (%s) differ from those model %r was "
+                "trained on (%r: %s); its maps and predictions name the model's classes.",
+                source.info.name,
+                ", ".join(theirs[:5]) + (", ..." if len(theirs) > 5 else ""),
+                classifier.path,
+                classifier.info.name,
+                ", ".join(ours[:5]) + (", ..." if len(ours) > 5 else ""),
+            )
     outputs = int(classifier.model.output_shape[-1])
     if outputs != info.num_classes:
         raise UserInputError(

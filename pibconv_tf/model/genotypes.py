@@ -8,6 +8,7 @@ JSON with `Genotype.from_json`.
 
 import dataclasses
 import json
+import numbers
 import pathlib
 
 import numpy as np
@@ -39,10 +40,19 @@ class Genotype:
     def __post_init__(self):
         # Accept lists (from JSON) and store tuples, so genotypes hash and compare.
         for field in ("normal", "reduce"):
-            edges = tuple((str(op), int(index)) for op, index in getattr(self, field))
-            object.__setattr__(self, field, edges)
+            edges = []
+            for position, edge in enumerate(getattr(self, field)):
+                if isinstance(edge, (str, bytes)) or len(edge) != 2:
+                    raise UserInputError(
+                        f"Genotype {field} edge {position} is {edge!r}; expected a pair "
+                        "[operation, input index]."
+                    )
+                op, index = edge
+                edges.append((str(op), _whole(index, f"Genotype {field} edge {position} input")))
+            object.__setattr__(self, field, tuple(edges))
         for field in ("normal_concat", "reduce_concat"):
-            object.__setattr__(self, field, tuple(int(i) for i in getattr(self, field)))
+            concat = tuple(_whole(i, f"Genotype {field} entry") for i in getattr(self, field))
+            object.__setattr__(self, field, concat)
         self.validate()
 
     @property
@@ -134,6 +144,16 @@ class Genotype:
         return cls.from_dict(data)
 
 
+def _whole(value, what):
+    """`value` as an int if it is a whole number (1 or 1.0), else UserInputError."""
+    integral = isinstance(value, numbers.Integral) or (
+        isinstance(value, float) and value.is_integer()
+    )
+    if isinstance(value, bool) or not integral:
+        raise UserInputError(f"{what} is {value!r}; expected a whole number (a state index).")
+    return int(value)
+
+
 DARTS_V2 = Genotype(
     normal=(
         ("sep_conv_3x3", 0),
@@ -199,7 +219,16 @@ def load_genotype(spec):
             f"Genotype {spec!r} is neither a named genotype ({', '.join(NAMED_GENOTYPES)}) "
             "nor an existing genotype.json file."
         )
-    return Genotype.from_json(path.read_text())
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UserInputError(
+            f"Genotype file {spec!r} is not text (a genotype.json holds UTF-8 JSON)."
+        ) from error
+    try:
+        return Genotype.from_json(text)
+    except UserInputError as error:
+        raise UserInputError(f"In {spec!r}: {error}") from error
 
 
 def derive_cell(weights, primitives, steps=4):

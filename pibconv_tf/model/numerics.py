@@ -11,6 +11,7 @@ and `gelu`, where `model.acceleration` may substitute a faster kernel of the sam
 training (`pibconv_tf.kernels`); what is computed, saved and restored does not depend on it.
 """
 
+import contextlib
 import math
 import random
 
@@ -81,18 +82,34 @@ def kernel_initializer(initializer, depthwise=False):
     return "glorot_uniform"
 
 
+_SYNCHRONIZED = [False]
+
+
+@contextlib.contextmanager
+def synchronized_batch_norm(enabled=True):
+    """BatchNorm layers built in the block normalise by the statistics of the whole global
+    batch (all replicas: Keras' `synchronized=True`) instead of each replica's own."""
+    previous = _SYNCHRONIZED[0]
+    _SYNCHRONIZED[0] = bool(enabled)
+    try:
+        yield
+    finally:
+        _SYNCHRONIZED[0] = previous
+
+
 def batch_norm(affine, name, dtype=None):
     """BatchNorm with PyTorch's numerics; `affine=False` drops scale and centre (search).
 
     Keras' layer: the moving variance takes the biased batch variance (PyTorch's the unbiased
     one, a factor n / (n - 1) over n = batch x height x width values: 1.0005 at batch 32 and
-    8x8).
+    8x8). Inside `synchronized_batch_norm()`, the batch statistics are the global batch's.
     """
     return keras.layers.BatchNormalization(
         epsilon=BN_EPSILON,
         momentum=BN_MOMENTUM,
         center=affine,
         scale=affine,
+        synchronized=_SYNCHRONIZED[0],
         name=name,
         dtype=dtype,
     )

@@ -8,6 +8,7 @@ half the architecture.
 """
 
 import dataclasses
+import math
 import numbers
 
 from pibconv_tf.errors import UserInputError
@@ -27,6 +28,7 @@ class SearchConfig:
     image_size: int = 32
     seed: int = 0
     strategy: str = "auto"
+    sync_batch_norm: bool = False
     resume: bool = False
     overwrite: bool = False
     mixed_precision: str | None = None
@@ -123,7 +125,9 @@ def _check_int(name, value, minimum, accepted):
 def _check_float(name, value, low, high, accepted, open_low=False, open_high=False):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         _bad(name, value, accepted)
+    if not math.isfinite(value):  # NaN and the infinities
+        raise UserInputError(f"--{name}={value!r} is not valid; expected a finite number.")
     too_low = value <= low if open_low else value < low
     too_high = high is not None and (value >= high if open_high else value > high)
-    if too_low or too_high or value != value:
+    if too_low or too_high:
         _bad(name, value, accepted)

@@ -14,16 +14,18 @@ statistics, epoch), truncates the per-epoch records to it and continues with the
 stream at the start of the next epoch, so the files end as those of an uninterrupted run.
 """
 
+import dataclasses
+import json
 import os
-import tempfile
 
 import keras
 import numpy as np
-import tensorflow as tf
 from absl import logging
 
 from pibconv_tf import data, distribute, optim, runs
-from pibconv_tf.errors import UserInputError
+from pibconv_tf.errors import Interrupted, UserInputError
+from pibconv_tf.model import numerics
+from pibconv_tf.model.genotypes import Genotype
 from pibconv_tf.model.search_network import SearchNetwork, build_network
 from pibconv_tf.optim import TorchAdam
 from pibconv_tf.search.config import SearchConfig
@@ -47,6 +49,9 @@ class ArchitectureLogger(keras.callbacks.Callback):
         self.history = history or {"normal": [], "reduce": []}
 
     def on_epoch_end(self, epoch, logs=None):
+        if runs.interrupted(self.model):
+            return
+        runs.sync_state(self.model)
         weights = self.network.arch_weights()
         if not all(np.isfinite(w).all() for w in weights.values()):
             return
@@ -62,15 +67,13 @@ class ArchitectureLogger(keras.callbacks.Callback):
 
 def write_alphas(path, history, primitives):
     """Saves the softmax(alpha) history atomically (a crash never leaves half a file)."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".alphas.")
-    with os.fdopen(fd, "wb") as stream:
+    with runs.atomic_file(path, "wb") as stream:
         np.savez(
             stream,
             normal=np.asarray(history["normal"], np.float32),
             reduce=np.asarray(history["reduce"], np.float32),
             primitives=np.asarray(primitives),
         )
-    os.replace(tmp, path)
 
 
 def read_alphas(path):
@@ -83,9 +86,9 @@ def read_alphas(path):
         }
 
 
-def _build(config, num_classes, strategy, steps_per_epoch):
-    """Network, compiled trainer and epoch variable, created in the strategy's scope."""
-    with strategy.scope():
+def _build(config, num_classes, strategy):
+    """Network, compiled trainer and the learning-rate schedule, in the strategy's scope."""
+    with strategy.scope(), numerics.synchronized_batch_norm(config.sync_batch_norm):
         network = SearchNetwork(
             num_classes,
             config.init_channels,
@@ -101,11 +104,13 @@ def _build(config, num_classes, strategy, steps_per_epoch):
             order="second" if config.unrolled else "first",
             grad_clip=config.grad_clip,
         )
+        # Stepped per epoch by `optim.EpochLearningRate` (not by the optimizer's step count,
+        # which float16's skipped steps would hold back).
         schedule = optim.EpochCosineDecay(
-            config.learning_rate, config.epochs, steps_per_epoch, config.learning_rate_min
+            config.learning_rate, config.epochs, 1, config.learning_rate_min
         )
         weight_optimizer = optim.TorchSGD(
-            schedule, config.momentum, coupled_weight_decay=config.weight_decay
+            config.learning_rate, config.momentum, coupled_weight_decay=config.weight_decay
         )
         arch_optimizer = TorchAdam(
             config.arch_learning_rate,
@@ -120,8 +125,7 @@ def _build(config, num_classes, strategy, steps_per_epoch):
             jit_compile=config.jit_compile,
             run_eagerly=config.run_eagerly,
         )
-        epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-    return network, trainer, schedule, epoch
+    return network, trainer, schedule
 
 
 def _check_resumable(run_dir, config):
@@ -129,29 +133,62 @@ def _check_resumable(run_dir, config):
     for key, value in config.to_dict().items():
         if key in SearchConfig.RESUME_MAY_CHANGE or key not in saved:
             continue
-        if saved[key] != value:
+        same = (
+            runs.same_directory(saved[key], value)
+            if key == "model_dir" and saved[key] and value
+            else saved[key] == value
+        )
+        if not same:
             raise UserInputError(
                 f"--{key}={value!r} differs from the run being resumed ({saved[key]!r}); "
                 f"resume with the original value or start a new --model_dir."
             )
 
 
-def _restore(run_dir, manager, epoch, network):
-    """Restores the last checkpoint and truncates the per-epoch records to it."""
-    manager.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-    done = int(epoch.numpy())
-    logging.info(
-        "Resuming %s from %s after epoch %d.", run_dir.path, manager.latest_checkpoint, done
-    )
-    print(f"Resuming from {manager.latest_checkpoint} after epoch {done}.")
+def resumed_config(model_dir, overrides):
+    """The `SearchConfig` stored in `model_dir`, with `overrides` (the flags given again)
+    laid over it: `--resume --model_dir=DIR` alone continues the run as it was started."""
+    path = os.path.join(model_dir or "", runs.CONFIG)
+    if not model_dir or not os.path.isfile(path):
+        raise UserInputError(
+            f"--resume was given but --model_dir {model_dir!r} holds no {runs.CONFIG} of a search."
+        )
+    with open(path) as stream:
+        stored = json.load(stream)
+    fields = {f.name for f in dataclasses.fields(SearchConfig)}
+    if "search_space" not in stored:
+        raise UserInputError(f"{path!r} is not the config.json of a search.")
+    values = {key: value for key, value in stored.items() if key in fields}
+    for key, value in overrides.items():
+        if key in SearchConfig.RESUME_MAY_CHANGE or key == "model_dir":
+            values[key] = value
+        elif values.get(key) != value:
+            raise UserInputError(
+                f"--{key}={value!r} differs from the run being resumed ({values.get(key)!r}); "
+                f"resume with the original value or start a new --model_dir."
+            )
+    return SearchConfig.from_dict({**values, "resume": True, "overwrite": False})
+
+
+def _restore(run_dir, saved, network):
+    """Restores the newest intact checkpoint and truncates the per-epoch records to it.
+
+    Returns:
+        (epochs done, steps done of the next epoch, softmax(alpha) history).
+    """
+    entry = saved.restore()
+    done, step = (entry["epoch"], entry["step"]) if entry else (0, 0)
+    if entry is not None:
+        at = f"step {step} of epoch {done + 1}" if step else f"epoch {done}"
+        print(f"Resuming from {entry['path']} (after {at}).", flush=True)
     for name in (runs.METRICS, runs.GENOTYPES):
         run_dir.truncate_jsonl(name, lambda record: record["epoch"] <= done)
     history = {"normal": [], "reduce": []}
     if run_dir.file(runs.ALPHAS).exists():
-        saved = read_alphas(run_dir.file(runs.ALPHAS))
-        history = {kind: saved[kind][:done] for kind in ("normal", "reduce")}
+        stored = read_alphas(run_dir.file(runs.ALPHAS))
+        history = {kind: stored[kind][:done] for kind in ("normal", "reduce")}
         write_alphas(run_dir.file(runs.ALPHAS), history, network.primitives)
-    return done, history
+    return done, step, history
 
 
 def run_search(config):
@@ -181,8 +218,23 @@ def run_search(config):
     if config.steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
     run_dir = runs.RunDir.prepare(config.model_dir, config.resume, config.overwrite)
+    try:
+        return _run(config, run_dir, strategy, dataset, steps_per_epoch, source)
+    finally:
+        run_dir.release()
+
+
+def _run(config, run_dir, strategy, dataset, steps_per_epoch, source):
     if run_dir.resumed:
         _check_resumable(run_dir, config)
+        finished = _finished(run_dir, config)
+        if finished is not None:
+            print(
+                f"The search in {str(run_dir.path)!r} is complete ({config.epochs} epochs); "
+                "nothing to do.",
+                flush=True,
+            )
+            return finished
     else:
         run_dir.write_json(
             runs.CONFIG,
@@ -201,41 +253,70 @@ def run_search(config):
         keras.mixed_precision.set_global_policy(previous_policy)
 
 
+def _finished(run_dir, config):
+    """The genotype of a search that has run all `config.epochs` epochs, else None."""
+    entries = run_dir.checkpoints().entries()
+    if not entries or entries[0]["step"] or entries[0]["epoch"] < config.epochs:
+        return None
+    if not run_dir.file(runs.GENOTYPE).exists():
+        return None
+    return Genotype.from_dict(run_dir.read_json(runs.GENOTYPE))
+
+
 def _search(config, run_dir, strategy, dataset, steps_per_epoch, info):
     keras.utils.set_random_seed(config.seed)
-    network, trainer, schedule, epoch = _build(config, info.num_classes, strategy, steps_per_epoch)
-    trackables = dict(
+    network, trainer, schedule = _build(config, info.num_classes, strategy)
+    groups = dict(
         network=network,
         weight_optimizer=trainer.optimizer,
         arch_optimizer=trainer.arch_optimizer,
-        epoch=epoch,
+        metrics=runs.metric_variables(trainer),
     )
     if trainer.loss_scale is not None:
-        trackables.update(
-            loss_scale=trainer.loss_scale.scale, good_steps=trainer.loss_scale.good_steps
-        )
-    manager = run_dir.checkpoint_manager(**trackables)
-    done, history = _restore(run_dir, manager, epoch, network) if run_dir.resumed else (0, None)
+        groups.update(loss_scale=trainer.loss_scale.scale, good_steps=trainer.loss_scale.good_steps)
+    saved = run_dir.checkpoints(**groups)
+    done, step, history = _restore(run_dir, saved, network) if run_dir.resumed else (0, 0, None)
     last = min(config.epochs, config.stop_after_epoch or config.epochs)
     stop = runs.StopOnNonFinite()
+    interrupt = runs.Interrupt(saved, first_step=step)
     callbacks = [
+        runs.SyncState(),
+        interrupt,
+        optim.EpochLearningRate(schedule),
         stop,
         runs.EpochLogger(run_dir, extra=lambda e: {"lr": schedule.at_epoch(e)}),
         ArchitectureLogger(run_dir, network, history),
-        keras.callbacks.TensorBoard(str(run_dir.file(runs.TENSORBOARD))),
-        runs.EpochCheckpoint(manager, epoch),  # last: records first, then the state
+        EpochTensorBoard(str(run_dir.file(runs.TENSORBOARD))),
+        runs.EpochCheckpoint(saved),  # last: records first, then the state
     ]
-    if done < last:
-        # One endless stream; a resumed run skips the batches of the epochs already done.
+    # One endless stream; a resumed run skips the batches it has done.
+    stream = dataset.repeat().skip(done * steps_per_epoch + step)
+    fit = dict(shuffle=False, verbose=config.verbose)  # the pipeline shuffles
+    if step and done < last:  # the rest of an interrupted epoch first
+        metrics = groups["metrics"]
+        trainer.fit(
+            stream,
+            epochs=done + 1,
+            initial_epoch=done,
+            steps_per_epoch=steps_per_epoch - step,
+            callbacks=[*callbacks, runs.RestoreMetrics(metrics, done)],
+            **fit,
+        )
+        done += 1
         stream = dataset.repeat().skip(done * steps_per_epoch)
+    if done < last and not (runs.interrupted(trainer) or stop.bad_batch is not None):
         trainer.fit(
             stream,
             epochs=last,
             initial_epoch=done,
             steps_per_epoch=steps_per_epoch,
             callbacks=callbacks,
-            shuffle=False,  # the pipeline shuffles
-            verbose=config.verbose,
+            **fit,
+        )
+    if interrupt.saved:
+        epoch, steps_done = trainer.interrupted_at
+        raise Interrupted(
+            f"Stopped after step {steps_done} of epoch {epoch + 1}; saved {interrupt.saved}."
         )
     stop.check(run_dir.file(runs.CHECKPOINT_DIR))
     genotype = network.genotype()
@@ -244,3 +325,11 @@ def _search(config, run_dir, strategy, dataset, steps_per_epoch, info):
     else:
         print(f"Stopped after epoch {last} of {config.epochs}; continue with --resume.")
     return genotype
+
+
+class EpochTensorBoard(keras.callbacks.TensorBoard):
+    """Keras' TensorBoard callback, which writes nothing for an interrupted (partial) epoch."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not runs.interrupted(self.model):
+            super().on_epoch_end(epoch, logs)

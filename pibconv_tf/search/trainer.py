@@ -6,30 +6,17 @@ Each step takes `((x_train, y_train), (x_val, y_val))` and
 2. updates the weights with the gradient of the training loss, clipped to a global norm
    (PyTorch's `clip_grad_norm_`), and the weight optimiser (`TorchSGD` in DARTS).
 
-`keras.Model.fit` runs the step inside a tf.function (optionally XLA-compiled) under the
-model's tf.distribute strategy and brings callbacks and the progress bar.
-
-Distribution: losses are this replica's share of the global-batch mean, and every gradient
-is summed over the replicas *before* it is used (the norm for clipping, the unrolled weights
-of the second order). Keras optimisers sum the gradients they are given once more, so the
-already-summed gradients are handed to them divided by the number of replicas.
+`keras.Model.fit` runs the step and brings callbacks and the progress bar: on TensorFlow
+inside a tf.function under the model's tf.distribute strategy (`search.tf_step`), on JAX as
+a jitted, stateless function of the model's state (`search.jax_step`; several devices with
+`keras.distribution.DataParallel`). Both compute the same updates.
 """
 
 import keras
-import tensorflow as tf
 from keras import ops
 
+from pibconv_tf.errors import UserInputError
 from pibconv_tf.model.search_network import set_op_executor
-from pibconv_tf.search import architect as architect_lib
-from pibconv_tf.search import loss_scale as loss_scale_lib
-from pibconv_tf.search.shared_trace import SharedTraces
-
-
-def clip_by_global_norm(grads, max_norm):
-    """PyTorch's `clip_grad_norm_`: scale by max_norm / (norm + 1e-6) when that is below 1."""
-    norm = architect_lib.global_norm(grads)
-    scale = tf.minimum(1.0, max_norm / (norm + 1e-6))
-    return [g * tf.cast(scale, g.dtype) for g in grads], norm
 
 
 class SearchTrainer(keras.Model):
@@ -42,7 +29,9 @@ class SearchTrainer(keras.Model):
         share_traces: trace each mixed-operation configuration once (`SharedTraces`) instead
             of every edge: same numbers, a much smaller graph.
         loss_scaling: scale the losses dynamically (`DynamicLossScale`); None turns it on
-            under the mixed_float16 policy.
+            under the mixed_float16 policy (TensorFlow only).
+        hessian: the second order's Hessian-vector product: "finite_difference" (DARTS'
+            central difference) or "exact" (forward-over-reverse; JAX only).
 
     Call arguments:
         inputs: normalised images; returns the network's logits.
@@ -69,18 +58,42 @@ class SearchTrainer(keras.Model):
         grad_clip=5.0,
         share_traces=True,
         loss_scaling=None,
+        hessian="finite_difference",
         **kwargs,
     ):
         kwargs.setdefault("name", "search_trainer")
         super().__init__(**kwargs)
+        if hessian not in ("finite_difference", "exact"):
+            raise UserInputError(
+                f"--hessian={hessian!r} is not valid; expected finite_difference or exact."
+            )
+        if hessian == "exact" and keras.backend.backend() != "jax":
+            raise UserInputError(
+                "--hessian=exact (forward-over-reverse differentiation) runs on JAX; on "
+                "TensorFlow the second order uses DARTS' finite difference."
+            )
         self.network = network
         self.order = order
+        self.hessian = hessian
         self.grad_clip = grad_clip
         self.share_traces = share_traces
-        set_op_executor(network, SharedTraces() if share_traces else None)
+        tensorflow = keras.backend.backend() == "tensorflow"
+        if tensorflow:
+            from pibconv_tf.search.shared_trace import SharedTraces  # noqa: PLC0415
+
+            set_op_executor(network, SharedTraces() if share_traces else None)
         if loss_scaling is None:
             loss_scaling = keras.mixed_precision.global_policy().name == "mixed_float16"
-        self.loss_scale = loss_scale_lib.DynamicLossScale() if loss_scaling else None
+        self.loss_scale = None
+        if loss_scaling:
+            if not tensorflow:
+                raise UserInputError(
+                    "mixed_float16 search needs TensorFlow (loss scaling of both updates); "
+                    "on JAX use --mixed_precision=mixed_bfloat16."
+                )
+            from pibconv_tf.search import loss_scale as loss_scale_lib  # noqa: PLC0415
+
+            self.loss_scale = loss_scale_lib.DynamicLossScale()
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
         self.val_loss_tracker = keras.metrics.Mean(name="val_loss")
@@ -107,14 +120,14 @@ class SearchTrainer(keras.Model):
         self.per_example_loss = loss or _cross_entropy
         weight_optimizer.build(self.network.weight_parameters())
         arch_optimizer.build(self.network.arch_parameters())
-        self.architect = architect_lib.Architect(
-            self.network,
-            self._replica_loss,
-            order=self.order,
-            momentum=getattr(weight_optimizer, "momentum", 0.0),
-            weight_decay=getattr(weight_optimizer, "coupled_weight_decay", 0.0),
-            loss_scale=self.loss_scale,
-        )
+        if keras.backend.backend() == "tensorflow":
+            from pibconv_tf.search import tf_step  # noqa: PLC0415
+
+            self.architect = tf_step.make_architect(self)
+        else:
+            # Held by the trainer, the architecture optimiser's variables are part of the
+            # state a JAX fit passes to the jitted step (Keras passes only `optimizer`'s).
+            self.arch_optimizer_variables = list(arch_optimizer.variables)
 
     @property
     def metrics(self):
@@ -129,61 +142,29 @@ class SearchTrainer(keras.Model):
     def call(self, inputs, training=False):
         return self.network(inputs, training=training)
 
-    def _replica_loss(self, labels, logits):
-        """This replica's share of the global-batch mean loss."""
-        per_example = ops.cast(self.per_example_loss(labels, logits), "float32")
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        global_batch = ops.cast(ops.shape(per_example)[0] * replicas, "float32")
-        return ops.sum(per_example) / global_batch
+    def train_step(self, *args):
+        """TensorFlow: `(data)` -> logs. JAX: `(state, data)` -> (logs, state)."""
+        if keras.backend.backend() == "tensorflow":
+            from pibconv_tf.search import tf_step  # noqa: PLC0415
 
-    def _momentum_buffers(self):
-        if self.order == "first" or not hasattr(self.optimizer, "momentum_buffer"):
-            return None
-        return [self.optimizer.momentum_buffer(v) for v in self.network.weight_parameters()]
+            return tf_step.train_step(self, *args)
+        from pibconv_tf.search import jax_step  # noqa: PLC0415
 
-    def train_step(self, data):
-        train_batch, val_batch = data
-        xi = self.optimizer.learning_rate
-        alpha_grads, _, val_logits = self.architect.gradients(
-            train_batch, val_batch, xi, self._momentum_buffers()
-        )
-        alphas_finite = self._update(
-            self.arch_optimizer, alpha_grads, self.network.arch_parameters()
-        )
+        return jax_step.train_step(self, *args)
 
-        x, y = train_batch
-        weights = self.architect.weights
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
-            tape.watch(weights)
-            logits = self.network(x, training=True)
-            loss = self._replica_loss(y, logits)
-        grads = architect_lib.gradient(tape, loss, weights, self.loss_scale)
-        grads, norm = clip_by_global_norm(grads, self.grad_clip)
-        weights_finite = self._update(self.optimizer, grads, self.network.weight_parameters())
-        if self.loss_scale is not None:
-            self.loss_scale.update(tf.logical_and(alphas_finite, weights_finite))
+    def sync_replicas(self):
+        """The BatchNorm moving statistics of the network: their mean over the replicas."""
+        if keras.backend.backend() == "tensorflow":
+            from pibconv_tf import distribute  # noqa: PLC0415
 
-        self.loss_tracker.update_state(self.per_example_loss(y, logits))
-        self.accuracy.update_state(y, logits)
-        # A skipped float16 step (overflowed gradients) has no meaningful validation loss
-        # (the unrolled weights are not finite) or gradient norm: leave them out.
-        val_y = val_batch[1]
-        _track(self.val_loss_tracker, alphas_finite, self.per_example_loss(val_y, val_logits))
-        _track(self.val_accuracy, alphas_finite, val_y, val_logits)
-        _track(self.grad_norm, weights_finite, norm)
-        return {metric.name: metric.result() for metric in self.metrics}
+            distribute.reconcile_moving_statistics(self.network)
 
-    def _update(self, optimizer, grads, variables):
-        """Applies `grads`; with a loss scale, only if they are all finite (returned)."""
-        if self.loss_scale is None:
-            _apply(optimizer, grads, variables)
-            return None
-        finite = self.loss_scale.all_finite(grads)
-        loss_scale_lib.apply_if_finite(finite, lambda: _apply(optimizer, grads, variables))
-        return finite
+    def test_step(self, *args):
+        if keras.backend.backend() != "tensorflow":
+            from pibconv_tf.search import jax_step  # noqa: PLC0415
 
-    def test_step(self, data):
-        x, y = data
+            return jax_step.test_step(self, *args)
+        x, y = args[0]
         logits = self.network(x, training=False)
         self.val_loss_tracker.update_state(self.per_example_loss(y, logits))
         self.val_accuracy.update_state(y, logits)
@@ -194,20 +175,3 @@ def _cross_entropy(labels, logits):
     return keras.losses.sparse_categorical_crossentropy(
         labels, ops.cast(logits, "float32"), from_logits=True
     )
-
-
-def _track(metric, finite, *args):
-    if finite is None:
-        metric.update_state(*args)
-        return
-    weight = tf.cast(finite, tf.float32)
-    args = [tf.where(finite, a, tf.zeros_like(a)) for a in args]
-    metric.update_state(*args, sample_weight=weight * tf.ones_like(args[0], tf.float32))
-
-
-def _apply(optimizer, summed_grads, variables):
-    replicas = tf.distribute.get_strategy().num_replicas_in_sync
-    if replicas > 1:
-        # Keras sums the gradients over the replicas again; they are already summed.
-        summed_grads = [g / replicas for g in summed_grads]
-    optimizer.apply(summed_grads, variables)

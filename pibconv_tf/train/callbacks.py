@@ -173,6 +173,8 @@ class ScalarSummaries(keras.callbacks.Callback):
         self.writer = tf.summary.create_file_writer(str(log_dir))
 
     def on_epoch_end(self, epoch, logs=None):
+        if runs.interrupted(self.model):
+            return
         with self.writer.as_default():
             for key, value in (logs or {}).items():
                 if isinstance(value, int | float):
@@ -189,6 +191,8 @@ class ProgressLine(keras.callbacks.Callback):
         self.epochs = epochs
 
     def on_epoch_end(self, epoch, logs=None):
+        if runs.interrupted(self.model):
+            return
         logs = logs or {}
         parts = [f"epoch {epoch + 1}/{self.epochs}"]
         parts.append(f"loss {logs.get('loss', float('nan')):.4f}")

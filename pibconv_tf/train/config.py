@@ -13,6 +13,8 @@ Reference:
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 
 from pibconv_tf import runs
@@ -52,6 +54,8 @@ class TrainConfig:
         eval_every: evaluate on the test split every this many epochs (and after the last).
         steps_per_epoch: 0 for whole epochs, else at most this many steps (quick runs).
         strategy, mixed_precision, jit_compile: devices and numerics.
+        sync_batch_norm: BatchNorm normalises by the whole global batch's statistics (all
+            replicas) instead of each replica's (DARTS' per-GPU statistics).
         model_dir, resume, overwrite: the run directory (see `runs.RunDir.prepare`).
         verbose: 0 silent, 1 Keras' progress bar and one line per epoch, 2 the line only.
     """
@@ -77,6 +81,7 @@ class TrainConfig:
     eval_every: int = 1
     steps_per_epoch: int = 0
     strategy: str = "auto"
+    sync_batch_norm: bool = False
     mixed_precision: str | None = None
     jit_compile: bool = False
     model_dir: str | None = None
@@ -98,6 +103,14 @@ class TrainConfig:
         _at_least(self, "eval_every", 1)
         _at_least(self, "steps_per_epoch", 0)
         _at_least(self, "cutout_length", 0)
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.type is float and not (
+                isinstance(value, numbers.Real) and not isinstance(value, bool)
+            ):
+                raise UserInputError(f"--{field.name} must be a number, got {value!r}.")
+            if field.type is float and not math.isfinite(value):
+                raise UserInputError(f"--{field.name} must be a finite number, got {value}.")
         if not self.learning_rate > 0:
             raise UserInputError(f"--learning_rate must be > 0, got {self.learning_rate}.")
         if not 0 <= self.min_learning_rate <= self.learning_rate:

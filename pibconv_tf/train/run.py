@@ -15,10 +15,11 @@ summary = train(config)  # writes model.keras, metrics.jsonl, checkpoints/, ...
 import json
 
 import keras
-import tensorflow as tf
+import numpy as np
+from absl import logging
 
-from pibconv_tf import data, distribute, runs
-from pibconv_tf.errors import UserInputError
+from pibconv_tf import checkpoints, data, distribute, runs
+from pibconv_tf.errors import Interrupted, UserInputError
 from pibconv_tf.model import genotypes, networks
 from pibconv_tf.runs import RunDir
 from pibconv_tf.train.callbacks import (
@@ -44,6 +45,13 @@ def train(config, extra_callbacks=()):
     `checkpoints/` (per epoch), `model.keras` (the final logits-only float32 model),
     `model_best.keras` with `best.json` (the epoch of best test top-1), `result.json`.
 
+    A resumed run continues from its newest intact checkpoint and ends with the weights and
+    metrics of the run had it not stopped: each epoch's data order and augmentation depend
+    on (seed, epoch) alone, and the drop-path generators, BatchNorm statistics, optimizer
+    and (mid-epoch) metric accumulators are in the checkpoint. Resuming a finished run
+    changes nothing. Ctrl-C stops after the current step with a checkpoint of it
+    (`runs.Interrupted` is raised, naming the command that continues).
+
     Args:
         config: a `TrainConfig`.
         extra_callbacks: Keras callbacks run after the built-in ones (after the epoch's
@@ -59,8 +67,23 @@ def train(config, extra_callbacks=()):
     """
     genotype, source = check_inputs(config)
     run_dir = RunDir.prepare(config.model_dir, config.resume, config.overwrite)
-    if run_dir.resumed:
-        genotype = _check_resume(run_dir, config, genotype)
+    try:
+        if run_dir.resumed:
+            genotype = _check_resume(run_dir, config, genotype)
+            finished = _finished(run_dir, config)
+            if finished is not None:
+                print(
+                    f"The run in {str(run_dir.path)!r} is complete ({finished['epochs']} of "
+                    f"{config.epochs} epochs); nothing to do.",
+                    flush=True,
+                )
+                return finished
+        return _train(config, run_dir, genotype, source, extra_callbacks)
+    finally:
+        run_dir.release()
+
+
+def _train(config, run_dir, genotype, source, extra_callbacks):
     keras.utils.set_random_seed(config.seed)
     strategy = distribute.get_strategy(config.strategy)
     with dtype_policy(config.mixed_precision):
@@ -68,16 +91,19 @@ def train(config, extra_callbacks=()):
             network, trainer, optimizer = build_trainer(
                 config, genotype, source.info.num_classes, source.info.image_size
             )
-            epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-        manager = run_dir.checkpoint_manager(network=network, optimizer=optimizer, epoch=epoch)
-        start = _restore(manager, epoch, run_dir)
+        metrics = runs.metric_variables(trainer)
+        saved = run_dir.checkpoints(network=network, optimizer=optimizer, metrics=metrics)
+        start, step = _restore(saved, run_dir) if run_dir.resumed else (0, 0)
         # Written once the checkpoint (if any) restored: a failed resume leaves the run as it was.
         run_dir.write_json(runs.CONFIG, config.to_dict())
         run_dir.write_json(runs.GENOTYPE, genotype.to_dict())
         run_dir.write_json(runs.DATASET, source.info.to_json_dict())
         export = ModelExport(network, lambda: _inference_network(config, genotype, source.info))
         stopper = runs.StopOnNonFinite()
+        interrupt = runs.Interrupt(saved, first_step=step)
         callbacks = [
+            runs.SyncState(),
+            interrupt,
             EpochSchedule(
                 network,
                 lr_schedule(config).at_epoch,
@@ -92,26 +118,48 @@ def train(config, extra_callbacks=()):
             BestModelSaver(export, run_dir, _read_json(run_dir, runs.BEST)),
             runs.EpochLogger(run_dir),
             ScalarSummaries(run_dir.file(runs.TENSORBOARD)),
-            runs.EpochCheckpoint(manager, epoch),
+            runs.EpochCheckpoint(saved),
             stopper,
             *extra_callbacks,
         ]
         if config.verbose:
-            callbacks.insert(3, ProgressLine(config.epochs))
-        if start < config.epochs:
+            callbacks.insert(5, ProgressLine(config.epochs))
+        steps = steps_per_epoch(source, config)
+        fit = dict(shuffle=False, verbose=1 if config.verbose == 1 else 0)  # the data shuffles
+        if step and start < config.epochs:  # the rest of an interrupted epoch first
             trainer.fit(
-                _train_data(source, config, start),
+                _train_data(source, config, start, start + 1, skip=step),
+                epochs=start + 1,
+                initial_epoch=start,
+                steps_per_epoch=steps - step,
+                callbacks=[*callbacks, runs.RestoreMetrics(metrics, start)],
+                **fit,
+            )
+            start += 1
+        if start < config.epochs and not _stopped(trainer, stopper):
+            trainer.fit(
+                _train_data(source, config, start, config.epochs),
                 epochs=config.epochs,
                 initial_epoch=start,
+                steps_per_epoch=steps,
                 callbacks=callbacks,
-                shuffle=False,  # the pipeline shuffles
-                verbose=1 if config.verbose == 1 else 0,
+                **fit,
+            )
+        if interrupt.saved:
+            epoch, done = trainer.interrupted_at
+            raise Interrupted(
+                f"Stopped after step {done} of epoch {epoch + 1}; saved {interrupt.saved}."
             )
         stopper.check(run_dir.file(runs.CHECKPOINT_DIR))
         export.save(run_dir.file(runs.MODEL))
+        _check_export(run_dir, export, source, config)
     result = _result(run_dir)
     run_dir.write_json(runs.RESULT, result)
     return result
+
+
+def _stopped(trainer, stopper):
+    return runs.interrupted(trainer) or stopper.bad_batch is not None
 
 
 def check_inputs(config):
@@ -123,20 +171,29 @@ def check_inputs(config):
     config.validate()
     genotype = genotypes.load_genotype(config.genotype)
     source = data.load_source(config.dataset, config.data_dir, config.image_size, config.seed)
-    _train_data(source, config, 0)  # batch size and cutout against the data
+    _train_data(source, config, 0, 1)  # batch size and cutout against the data
     return genotype, source
 
 
-def _train_data(source, config, start_epoch):
-    # A resumed run reseeds by its start epoch, so it does not replay epoch 1's order.
-    dataset = data.train_pipeline(
+def steps_per_epoch(source, config):
+    """Training steps per epoch: the whole train split, or `config.steps_per_epoch`."""
+    steps = data.train_steps_per_epoch(source, config.batch_size)
+    return min(steps, config.steps_per_epoch) if config.steps_per_epoch else steps
+
+
+def _train_data(source, config, first_epoch, epochs, skip=0):
+    """Epochs `first_epoch`..`epochs - 1` (each a function of the seed and the epoch)."""
+    return data.train_epochs(
         source,
         config.batch_size,
+        first_epoch,
+        epochs,
+        skip=skip,
+        steps_per_epoch=config.steps_per_epoch,
+        seed=config.seed,
         cutout_length=config.cutout_length,
         randaugment=config.randaugment,
-        seed=config.seed + 1000 * start_epoch,
     )
-    return dataset.take(config.steps_per_epoch) if config.steps_per_epoch else dataset
 
 
 def _inference_network(config, genotype, info):
@@ -174,21 +231,52 @@ def _check_resume(run_dir, config, genotype):
     return own
 
 
-def _restore(manager, epoch, run_dir):
-    """Restores the latest checkpoint (if any) and drops log lines of later epochs."""
-    if manager.latest_checkpoint is None:
-        return 0
-    try:
-        manager.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-    except (AssertionError, ValueError) as error:  # objects unmatched, or shapes that differ
-        raise UserInputError(
-            f"The checkpoint {manager.latest_checkpoint!r} does not match the network built "
-            "for this run (a version of pibconv_tf with other layers wrote it); resume it "
-            "with that version, or start a new run."
-        ) from error
-    start = int(epoch.numpy())
+def _restore(saved, run_dir):
+    """Restores the newest intact checkpoint; drops log lines of the epochs after it.
+
+    Returns:
+        (epochs done, steps done of the next epoch).
+    """
+    entry = saved.restore()
+    if entry is None:
+        return 0, 0
+    start, step = entry["epoch"], entry["step"]
     run_dir.truncate_jsonl(runs.METRICS, lambda record: record["epoch"] <= start)
-    return start
+    at = f"step {step} of epoch {start + 1}" if step else f"epoch {start}"
+    print(f"Resuming from {entry['path']} (after {at}).", flush=True)
+    return start, step
+
+
+def _finished(run_dir, config):
+    """The stored result of a run that has trained `config.epochs` epochs, else None."""
+    entries = checkpoints.Checkpoints(run_dir.path).entries()
+    result = _read_json(run_dir, runs.RESULT)
+    newest = entries[0] if entries else None
+    if result is None or newest is None or newest["step"] or newest["epoch"] < config.epochs:
+        return None
+    if result.get("epochs", 0) < config.epochs or not run_dir.file(runs.MODEL).exists():
+        return None
+    return result
+
+
+def _check_export(run_dir, export, source, config):
+    """Warns when the saved model.keras does not evaluate as the last epoch's test did (it
+    is the same network, so only a broken save or restore would make them differ)."""
+    records = run_dir.read_jsonl(runs.METRICS)
+    recorded = records[-1].get("test_accuracy") if records else None
+    if recorded is None:
+        return
+    model = export.model()
+    logits = model.predict(data.eval_pipeline(source, config.batch_size), verbose=0)
+    labels = source.numpy("test")[1]
+    accuracy = float(np.mean(np.argmax(logits, axis=-1) == labels))
+    if abs(accuracy - recorded) > 0.5 / max(len(labels), 1) + 1e-6:
+        logging.warning(
+            "%s evaluates to test top-1 %.4f, but the last epoch recorded %.4f.",
+            run_dir.file(runs.MODEL),
+            accuracy,
+            recorded,
+        )
 
 
 def _read_json(run_dir, name):

@@ -5,11 +5,10 @@ Reference:
 """
 
 import keras
-import tensorflow as tf
 from keras import ops
 
 from pibconv_tf import optim
-from pibconv_tf.model import networks
+from pibconv_tf.model import networks, numerics
 
 
 @keras.saving.register_keras_serializable(package="pibconv_tf")
@@ -69,8 +68,13 @@ class AuxiliaryTrainer(keras.Model):
             loss = loss + self.auxiliary_weight * _cross_entropy(labels, aux_logits)
         return loss, logits
 
-    def train_step(self, data):
-        images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
+    def train_step(self, *args):
+        """TensorFlow: `(data)` -> logs. JAX: `(state, data)` -> (logs, state)."""
+        if keras.backend.backend() != "tensorflow":
+            return self._jax_train_step(*args)
+        import tensorflow as tf  # noqa: PLC0415
+
+        images, labels, _ = keras.utils.unpack_x_y_sample_weight(args[0])
         variables = self.network.trainable_variables
         with tf.GradientTape() as tape:
             loss, logits = self.losses_of(labels, self.network(images, training=True))
@@ -88,8 +92,60 @@ class AuxiliaryTrainer(keras.Model):
         self.accuracy.update_state(labels, logits)
         return {"loss": self.loss_tracker.result(), "accuracy": self.accuracy.result()}
 
-    def test_step(self, data):
+    def _jax_train_step(self, state, data):
+        """The same step as a stateless function of the trainer's state (jitted by fit).
+
+        The optimizer's global-norm clipping and float16 loss scaling are its own
+        (`stateless_apply`); the loss is the global batch's mean (DataParallel shards it).
+        """
+        import jax  # noqa: PLC0415
+
+        trainable, non_trainable, optimizer_vars, metrics_vars = state
         images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
+
+        def loss_fn(trainable_, non_trainable_):
+            outputs, updated = self.stateless_call(
+                trainable_, non_trainable_, images, training=True
+            )
+            loss, logits = self.losses_of(labels, outputs)
+            return self.optimizer.scale_loss(loss), (loss, logits, updated)
+
+        grads, (loss, logits, non_trainable) = jax.grad(loss_fn, has_aux=True)(
+            trainable, non_trainable
+        )
+        trainable, optimizer_vars = self.optimizer.stateless_apply(optimizer_vars, grads, trainable)
+        count = labels.shape[0]
+        tracker_vars, accuracy_vars = self._split_metrics(metrics_vars)[:2]
+        tracker_vars = self.loss_tracker.stateless_update_state(
+            tracker_vars, loss, sample_weight=count
+        )
+        accuracy_vars = self.accuracy.stateless_update_state(accuracy_vars, labels, logits)
+        top5_vars = self._split_metrics(metrics_vars)[2]
+        logs = {
+            "loss": self.loss_tracker.stateless_result(tracker_vars),
+            "accuracy": self.accuracy.stateless_result(accuracy_vars),
+        }
+        metrics_vars = [*tracker_vars, *accuracy_vars, *top5_vars]
+        return logs, (trainable, non_trainable, optimizer_vars, metrics_vars)
+
+    def _split_metrics(self, values):
+        parts, offset = [], 0
+        for metric in self.metrics:
+            parts.append(list(values[offset : offset + len(metric.variables)]))
+            offset += len(metric.variables)
+        return parts
+
+    def sync_replicas(self):
+        """The BatchNorm moving statistics of the network: their mean over the replicas."""
+        if keras.backend.backend() == "tensorflow":
+            from pibconv_tf import distribute  # noqa: PLC0415
+
+            distribute.reconcile_moving_statistics(self.network)
+
+    def test_step(self, *args):
+        if keras.backend.backend() != "tensorflow":
+            return self._jax_test_step(*args)
+        images, labels, _ = keras.utils.unpack_x_y_sample_weight(args[0])
         outputs = self.network(images, training=False)
         logits = outputs[networks.LOGITS] if isinstance(outputs, dict) else outputs
         logits = ops.cast(logits, "float32")
@@ -98,6 +154,27 @@ class AuxiliaryTrainer(keras.Model):
         self.accuracy.update_state(labels, logits)
         self.top5.update_state(labels, logits)
         return {metric.name: metric.result() for metric in self.metrics}
+
+    def _jax_test_step(self, state, data):
+        trainable, non_trainable, metrics_vars = state
+        images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
+        outputs, non_trainable = self.stateless_call(
+            trainable, non_trainable, images, training=False
+        )
+        logits = outputs[networks.LOGITS] if isinstance(outputs, dict) else outputs
+        logits = ops.cast(logits, "float32")
+        loss = _cross_entropy(labels, logits)
+        tracker, accuracy, top5 = self._split_metrics(metrics_vars)
+        tracker = self.loss_tracker.stateless_update_state(
+            tracker, loss, sample_weight=labels.shape[0]
+        )
+        accuracy = self.accuracy.stateless_update_state(accuracy, labels, logits)
+        top5 = self.top5.stateless_update_state(top5, labels, logits)
+        logs = {
+            metric.name: metric.stateless_result(values)
+            for metric, values in zip(self.metrics, (tracker, accuracy, top5), strict=True)
+        }
+        return logs, (trainable, non_trainable, [*tracker, *accuracy, *top5])
 
     def get_config(self):
         return {
@@ -111,6 +188,15 @@ class AuxiliaryTrainer(keras.Model):
         config = dict(config)
         config["network"] = keras.saving.deserialize_keras_object(config["network"])
         return cls(**config)
+
+
+def _replicas():
+    """Replicas of the current tf.distribute strategy (1 on other backends: JAX shards)."""
+    if keras.backend.backend() != "tensorflow":
+        return 1
+    import tensorflow as tf  # noqa: PLC0415
+
+    return tf.distribute.get_strategy().num_replicas_in_sync
 
 
 def _has_aux(network):
@@ -155,17 +241,18 @@ def drop_path_rate(config, epoch):
 def build_trainer(config, genotype, num_classes, image_size):
     """The network (with the auxiliary head when its weight is > 0), its trainer and
     optimizer, compiled and built; call inside the strategy scope and dtype policy."""
-    network = networks.network_cifar(
-        genotype,
-        num_classes=num_classes,
-        init_channels=config.init_channels,
-        layers=config.layers,
-        auxiliary=config.auxiliary_weight > 0,
-        image_size=image_size,
-        seed=config.seed,
-    )
+    with numerics.synchronized_batch_norm(config.sync_batch_norm):
+        network = networks.network_cifar(
+            genotype,
+            num_classes=num_classes,
+            init_channels=config.init_channels,
+            layers=config.layers,
+            auxiliary=config.auxiliary_weight > 0,
+            image_size=image_size,
+            seed=config.seed,
+        )
     trainer = AuxiliaryTrainer(network, config.auxiliary_weight)
-    optimizer = make_optimizer(config, tf.distribute.get_strategy().num_replicas_in_sync)
+    optimizer = make_optimizer(config, _replicas())
     trainer.compile(optimizer=optimizer, jit_compile=config.jit_compile)
     # Built now so that a checkpoint restores the momentum buffers instead of deferring.
     optimizer.build(network.trainable_variables)
