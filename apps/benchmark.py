@@ -8,6 +8,9 @@ python -m apps.benchmark --what=train_step --layers=2,10,20 --nojit_compile
 python -m apps.benchmark --what=inference,tflite --layers=2,10,20
 python -m apps.benchmark --what=pipeline,train_step --layers=2 --nojit_compile
 
+On Keras' JAX backend (search and train steps, compiled by XLA; runs without TensorFlow):
+python -m apps.benchmark --backend=jax --what=search_step,train_step
+
 Every measurement runs in its own process (--noisolate: all in this one) and becomes one JSON
 line in --output (appended; --overwrite starts the file afresh) with median, min and max over
 --repeats, peak resident memory, device, versions and time; a table follows on stdout.
@@ -37,6 +40,7 @@ _SHARED = common.define(
     "overwrite",
     "mixed_precision",
     "jit_compile",
+    "backend",
     *common.RUNTIME,
 )
 
@@ -117,7 +121,9 @@ def _cpu_kernels():
 
 
 def config_from_flags():
-    what = harness.WHATS if "all" in _WHAT.value else tuple(_WHAT.value)
+    backend = _SHARED.backend.value
+    everything = harness.JAX_WHATS if backend == "jax" else harness.WHATS
+    what = everything if "all" in _WHAT.value else tuple(_WHAT.value)
     jit_modes = (_SHARED.jit_compile.value,) if _SHARED.jit_compile.present else (False, True)
     precisions = ("float32", "mixed_float16")
     if _SHARED.mixed_precision.value:
@@ -161,6 +167,7 @@ def config_from_flags():
         cpu_kernels=_cpu_kernels(),
         seed=_SHARED.seed.value,
         output=_OUTPUT.value,
+        backend=backend,
     ).validate()
 
 

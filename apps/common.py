@@ -195,9 +195,11 @@ def _configure_runtime():
     """Applies the runtime flags this app defined (before anything runs)."""
     from pibconv_tf.model import acceleration  # noqa: PLC0415
 
-    if "backend" in _DEFINED:
+    # An app that has not imported Keras (the benchmark's parent process, which stays light)
+    # leaves the choice to KERAS_BACKEND, set from --backend before any import.
+    if "backend" in _DEFINED and "keras" in sys.modules:
         wanted = _DEFINED["backend"].value
-        import keras  # noqa: PLC0415
+        keras = sys.modules["keras"]
 
         if keras.backend.backend() != wanted:
             raise UserInputError(
@@ -207,6 +209,7 @@ def _configure_runtime():
         if wanted == "jax" and "tensorflow" in sys.modules:
             # TensorFlow stays for the input pipelines only: keep it off the GPUs JAX uses.
             sys.modules["tensorflow"].config.set_visible_devices([], "GPU")
+        print(f"Backend: {wanted} on {_devices(wanted)}.", flush=True)
 
     if "cpu_kernels" in _DEFINED:
         mode = _DEFINED["cpu_kernels"].value
@@ -221,6 +224,21 @@ def _configure_runtime():
             _DEFINED["intra_op_threads"].value, _DEFINED["inter_op_threads"].value
         )
         distribute.configure_graph_optimizer(_DEFINED["graph_optimizer"].value)
+
+
+def _devices(backend):
+    """The accelerators the backend sees, e.g. "2 gpu devices" or "the CPU"."""
+    if backend == "jax":
+        import jax  # noqa: PLC0415
+
+        kinds = [d.platform for d in jax.local_devices()]
+    else:
+        import tensorflow as tf  # noqa: PLC0415
+
+        kinds = ["gpu"] * len(tf.config.list_physical_devices("GPU")) or ["cpu"]
+    if kinds == ["cpu"]:
+        return "the CPU"
+    return ", ".join(f"{kinds.count(k)} {k} device{'s' * (kinds.count(k) > 1)}" for k in set(kinds))
 
 
 def interrupted(app, model_dir, error=None):
@@ -245,4 +263,6 @@ def run(main):
             sys.exit(1)
 
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    # JAX's probe of TPU and GPU plugins at start-up ("Unable to initialize backend 'tpu'").
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     app.run(guarded)

@@ -21,6 +21,8 @@ metrics.jsonl, tensorboard/, checkpoints/.
 
 from apps import common  # noqa: I001 (first: sets the TensorFlow log level)
 
+import dataclasses
+
 from absl import flags
 
 from pibconv_tf.model import search_spaces
@@ -41,6 +43,7 @@ _SHARED = common.define(
     "overwrite",
     "mixed_precision",
     "jit_compile",
+    "backend",
     *common.RUNTIME,
 )
 
@@ -81,6 +84,13 @@ _TRAIN_PORTION = flags.DEFINE_float(
 _UNROLLED = flags.DEFINE_bool(
     "unrolled", False, "Second-order DARTS: the one-step unrolled architecture gradient."
 )
+_HESSIAN = flags.DEFINE_enum(
+    "hessian",
+    "finite_difference",
+    ["finite_difference", "exact"],
+    "With --unrolled, the Hessian-vector product: DARTS' central finite difference, or "
+    "exact by forward-over-reverse differentiation (--backend=jax only).",
+)
 _STEPS_PER_EPOCH = flags.DEFINE_integer(
     "steps_per_epoch", None, "Cap on the steps of an epoch (quick trials); 0 or unset: all."
 )
@@ -96,39 +106,8 @@ _RUN_EAGERLY = flags.DEFINE_bool(
 _VERBOSE = flags.DEFINE_integer("verbose", 1, "Keras fit verbosity: 0 silent, 1 bar, 2 lines.")
 
 
-# Flag -> SearchConfig field, for every flag that feeds the config (the same names).
-CONFIG_FLAGS = (
-    "model_dir",
-    "dataset",
-    "data_dir",
-    "image_size",
-    "seed",
-    "strategy",
-    "sync_batch_norm",
-    "resume",
-    "overwrite",
-    "mixed_precision",
-    "jit_compile",
-    "search_space",
-    "init_channels",
-    "layers",
-    "nodes",
-    "epochs",
-    "batch_size",
-    "learning_rate",
-    "learning_rate_min",
-    "momentum",
-    "weight_decay",
-    "grad_clip",
-    "arch_learning_rate",
-    "arch_weight_decay",
-    "train_portion",
-    "unrolled",
-    "steps_per_epoch",
-    "stop_after_epoch",
-    "run_eagerly",
-    "verbose",
-)
+# Every SearchConfig field is the flag of the same name.
+CONFIG_FLAGS = tuple(field.name for field in dataclasses.fields(SearchConfig))
 
 
 def config_from_flags():

@@ -34,6 +34,7 @@ _SHARED = common.define(
     "overwrite",
     "mixed_precision",
     "jit_compile",
+    "backend",
     *common.RUNTIME,
 )
 

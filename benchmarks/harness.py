@@ -35,6 +35,8 @@ from pibconv_tf.deploy.latency import time_tflite
 from pibconv_tf.errors import UserInputError
 
 WHATS = ("search_step", "train_step", "inference", "tflite", "pipeline")
+BACKENDS = ("tensorflow", "jax")
+JAX_WHATS = ("search_step", "train_step")  # benchmarks.jax_steps; the rest is TensorFlow's
 ORDERS = ("first", "second")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 INFERENCE_MODES = ("keras_call", "predict_on_batch", "saved_model")
@@ -115,6 +117,8 @@ class BenchmarkConfig:
             "on" or "off" (`model.acceleration`).
         seed: initialisation and data seed.
         output: JSON-lines file the records are appended to (None: none).
+        backend: Keras backend of the measuring processes; "jax" measures search_step and
+            train_step (`benchmarks.jax_steps`, always compiled by XLA, no TensorFlow).
     """
 
     what: tuple[str, ...] = WHATS
@@ -155,6 +159,7 @@ class BenchmarkConfig:
     cpu_kernels: str = "auto"
     seed: int = 0
     output: str | None = None
+    backend: str = "tensorflow"
 
     def validate(self):
         """Raises UserInputError naming the first bad field; returns self."""
@@ -180,6 +185,7 @@ class BenchmarkConfig:
             ("search_space", SEARCH_SPACES),
             ("graph_optimizer", GRAPH_OPTIMIZER_MODES),
             ("cpu_kernels", CPU_KERNEL_MODES),
+            ("backend", BACKENDS),
         ):
             if getattr(self, name) not in accepted:
                 raise UserInputError(
@@ -206,6 +212,17 @@ class BenchmarkConfig:
             raise UserInputError(
                 f"--min_repeat_seconds must be >= 0, got {self.min_repeat_seconds}."
             )
+        if self.backend == "jax" and set(self.what) - set(JAX_WHATS):
+            others = ",".join(w for w in self.what if w not in JAX_WHATS)
+            raise UserInputError(
+                f"--what={others} runs on TensorFlow; --backend=jax measures "
+                f"{' and '.join(JAX_WHATS)} (pass --what={','.join(JAX_WHATS)})."
+            )
+        if not self.isolate and self.backend != _process_backend():
+            raise UserInputError(
+                f"--backend={self.backend} with --noisolate needs this process on that "
+                f"backend, but Keras here runs on {_process_backend()}; drop --noisolate."
+            )
         if self.model is not None and not pathlib.Path(self.model).is_file():
             raise UserInputError(f"--model {self.model!r} does not exist; pass a model.keras.")
         return self
@@ -214,9 +231,17 @@ class BenchmarkConfig:
         return dataclasses.asdict(self)
 
 
+def _process_backend():
+    import keras  # noqa: PLC0415 (only when asked: the harness' import stays light)
+
+    return keras.backend.backend()
+
+
 def measurement_specs(config):
     """The measurements of `config`, in order, as JSON-able dicts {"what", "params"}."""
     specs = []
+    # XLA compiles every JAX step: one train_step per network, recorded as jit_compiled.
+    jit_modes = (True,) if config.backend == "jax" else config.jit_compile_modes
     common = {"repeats": config.repeats, "warmup": config.warmup, "seed": config.seed}
     net = {
         "genotype": config.genotype,
@@ -244,7 +269,7 @@ def measurement_specs(config):
                 )  # fmt: skip
                 for layers in config.layers
                 for precision in config.precisions
-                for jit in config.jit_compile_modes
+                for jit in jit_modes
             ]
         elif what in ("inference", "tflite"):
             extra = _inference_params(config) if what == "inference" else _tflite_params(config)
@@ -270,7 +295,7 @@ def _search_params(config):
         "nodes": config.search_nodes,
         "image_size": config.image_size,
         "implementation": config.implementation,
-        "jit_compile": config.search_jit_compile,
+        "jit_compile": config.search_jit_compile or config.backend == "jax",
     }
 
 
@@ -328,6 +353,7 @@ def run_benchmarks(config, on_record=None):
 
     threads = {"intra_op": config.intra_op_threads, "inter_op": config.inter_op_threads}
     runtime = {
+        "backend": config.backend,
         "threads": threads,
         "graph_optimizer": config.graph_optimizer,
         "cpu_kernels": config.cpu_kernels,
@@ -357,6 +383,7 @@ def _run_spec(spec, isolate):
     pathlib.Path(spec_path).write_text(json.dumps(spec))
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env["KERAS_BACKEND"] = spec.get("backend", "tensorflow")
     root = str(pathlib.Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     command = [sys.executable, "-m", "benchmarks.harness", spec_path, out_path]
@@ -379,9 +406,15 @@ def run_measurement(spec, scope="measurement"):
     A TFLite timing imports only LiteRT and numpy; everything else loads TensorFlow.
     """
     threads = spec.get("threads") or {}
+    backend = spec.get("backend", "tensorflow")
     try:
         if spec["what"] == "tflite_timing":
             records = [_tflite_timing(spec["params"])]
+        elif backend == "jax":
+            from benchmarks import jax_steps  # noqa: PLC0415 (keras, jax, numpy only)
+
+            records = jax_steps.MEASURES[spec["what"]](spec)
+            threads = {}
         else:
             from benchmarks import measures  # noqa: PLC0415 (TensorFlow)
             from pibconv_tf import distribute  # noqa: PLC0415
@@ -397,6 +430,7 @@ def run_measurement(spec, scope="measurement"):
             )
             records = measures.MEASURES[spec["what"]](spec)
             for record in records:
+                record.setdefault("backend", "tensorflow")
                 record.setdefault("graph_optimizer", graph_optimizer)
                 record.setdefault("cpu_kernels", acceleration.enabled())
     except UserInputError:
@@ -461,15 +495,16 @@ def describe(record):
     """A one-line name of a record's measurement, e.g. "train_step PIBCONV L=2 float32"."""
     c = record.get("config", {})
     what = record["what"]
+    on = " [jax]" if record.get("backend") == "jax" else ""
     if what == "search_step":
         return (
             f"search {c.get('order')} order {c.get('search_space')} L={c.get('layers')} "
-            f"C={c.get('init_channels')}"
+            f"C={c.get('init_channels')}{on}"
         )
     net = f"{c.get('genotype')} L={c.get('layers')} C={c.get('init_channels')}"
     if what == "train_step":
         xla = " xla" if c.get("jit_compile") else ""
-        return f"train {net} {c.get('precision')}{xla}"
+        return f"train {net} {c.get('precision')}{xla}{on}"
     if what == "inference":
         return f"{c.get('mode')} {net}"
     if what == "tflite":
@@ -482,7 +517,7 @@ def describe(record):
 def versions():
     """Python and the installed versions of the packages measured (no import needed)."""
     found = {"python": platform.python_version()}
-    for package in ("tensorflow", "keras", "numpy", "ai-edge-litert"):
+    for package in ("tensorflow", "keras", "jax", "jaxlib", "numpy", "ai-edge-litert"):
         try:
             found[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:

@@ -275,6 +275,26 @@ class TrainRunTest(TestCase):
             after = {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()}
             self.assertEqual(after, before, builder.__name__)
 
+    def test_a_saved_model_that_evaluates_otherwise_than_recorded_is_reported(self):
+        root = Path(temp_dir(self))
+        model = training.ModelExport.model
+
+        def broken(export):  # as the lost cell BatchNorm statistics of 0.1 did
+            copy = model(export)
+            for weight in copy.weights:
+                if "moving_variance" in weight.path:
+                    weight.assign(np.full(weight.shape, 1e-3, "float32"))
+            return copy
+
+        with (
+            mock.patch.object(training.ModelExport, "model", broken),
+            self.assertLogs(level="WARNING") as logs,
+        ):
+            training.train(tiny_config(root, epochs=1))
+        self.assertRegex(
+            "\n".join(logs.output), r"model\.keras evaluates to test top-1 .*but the last"
+        )
+
     def test_non_finite_loss_stops_and_keeps_checkpoint(self):
         root = Path(temp_dir(self))
         config = tiny_config(root / "run", learning_rate=1e12, grad_clip=0.0, epochs=3)

@@ -85,6 +85,24 @@ def kernel_initializer(initializer, depthwise=False):
 _SYNCHRONIZED = [False]
 
 
+def step_jit_compile(requested):
+    """The `jit_compile` to compile a trainer with: on Keras' JAX backend always True (an
+    uncompiled JAX step runs op by op, each primitive dispatched alone: tens of times
+    slower than XLA's), elsewhere `requested` (--jit_compile)."""
+    return True if keras.backend.backend() == "jax" else bool(requested)
+
+
+@contextlib.contextmanager
+def dtype_policy(name):
+    """Sets Keras' global dtype policy (e.g. "mixed_float16"; None: float32) for the block."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name or "float32")
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
 @contextlib.contextmanager
 def synchronized_batch_norm(enabled=True):
     """BatchNorm layers built in the block normalise by the statistics of the whole global

@@ -11,11 +11,14 @@ import dataclasses
 import math
 import numbers
 
+import keras
+
 from pibconv_tf.errors import UserInputError
 from pibconv_tf.model import search_spaces
 
 PRECISIONS = (None, "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker_mirrored")
+HESSIANS = ("finite_difference", "exact")
 
 
 @dataclasses.dataclass
@@ -48,6 +51,7 @@ class SearchConfig:
     arch_weight_decay: float = 1e-3
     train_portion: float = 0.5
     unrolled: bool = False
+    hessian: str = "finite_difference"
     steps_per_epoch: int | None = None
     stop_after_epoch: int | None = None
     run_eagerly: bool = False
@@ -101,6 +105,17 @@ class SearchConfig:
         for name in ("weight_decay", "arch_weight_decay"):
             _check_float(name, getattr(self, name), 0.0, None, "a number >= 0")
         _check_float("grad_clip", self.grad_clip, 0.0, None, "a number > 0", open_low=True)
+        if self.hessian not in HESSIANS:
+            _bad("hessian", self.hessian, " or ".join(HESSIANS))
+        if self.hessian == "exact" and not self.unrolled:
+            raise UserInputError(
+                "--hessian=exact is the second order's Hessian-vector product; add --unrolled."
+            )
+        if self.hessian == "exact" and keras.backend.backend() != "jax":
+            raise UserInputError(
+                "--hessian=exact (forward-over-reverse differentiation) runs on JAX; add "
+                "--backend=jax, or keep DARTS' finite difference on TensorFlow."
+            )
         _check_float(
             "train_portion",
             self.train_portion,

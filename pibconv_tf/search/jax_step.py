@@ -42,11 +42,7 @@ class _Layout:
         # The weights in the order the weight optimiser was built on (`SearchTrainer.compile`).
         self.weights = [trainable.index(id(v)) for v in trainer.network.weight_parameters()]
         self.arch_slots = [non_trainable.index(id(v)) for v in trainer.arch_optimizer.variables]
-        optimizer_vars = list(optimizer.variables)
-        self.learning_rate = next(
-            i for i, v in enumerate(optimizer_vars) if v.path.endswith("learning_rate")
-        )
-        optimizer_vars = [id(v) for v in optimizer_vars]
+        optimizer_vars = [id(v) for v in optimizer.variables]
         buffers = getattr(optimizer, "momentum_buffers", None)
         self.momentum = None if buffers is None else [optimizer_vars.index(id(b)) for b in buffers]
 
@@ -126,7 +122,7 @@ def train_step(trainer, state, data):
 
 def _second_order(trainer, layout, loss, weights, alphas, non_trainable, optimizer_vars, data):
     (x_train, y_train), (x_val, y_val) = data
-    xi = optimizer_vars[layout.learning_rate]
+    xi = _learning_rate(trainer.optimizer, optimizer_vars)
     mu = getattr(trainer.optimizer, "momentum", 0.0)
     wd = getattr(trainer.optimizer, "coupled_weight_decay", 0.0)
     grad_weights = jax.grad(loss, argnums=0, has_aux=True)
@@ -156,6 +152,13 @@ def _second_order(trainer, layout, loss, weights, alphas, non_trainable, optimiz
         hvp = hessian_vector_product_fd(alpha_gradient, weights, vector)
     alpha_grads = [g - xi.astype(g.dtype) * h for g, h in zip(alpha_grads, hvp, strict=True)]
     return alpha_grads, val_logits, non_trainable
+
+
+def _learning_rate(optimizer, values):
+    """The optimizer's current learning rate (a variable, or a schedule of its iterations)
+    from the optimizer variables' values `values` of this step."""
+    with keras.StatelessScope(state_mapping=list(zip(optimizer.variables, values, strict=True))):
+        return jnp.asarray(optimizer.learning_rate, "float32")
 
 
 def hessian_vector_product_fd(alpha_gradient, weights, vector, radius=0.01):

@@ -103,6 +103,7 @@ def _build(config, num_classes, strategy):
             network,
             order="second" if config.unrolled else "first",
             grad_clip=config.grad_clip,
+            hessian=config.hessian,
         )
         # Stepped per epoch by `optim.EpochLearningRate` (not by the optimizer's step count,
         # which float16's skipped steps would hold back).
@@ -122,7 +123,7 @@ def _build(config, num_classes, strategy):
         trainer.compile(
             weight_optimizer,
             arch_optimizer,
-            jit_compile=config.jit_compile,
+            jit_compile=numerics.step_jit_compile(config.jit_compile),
             run_eagerly=config.run_eagerly,
         )
     return network, trainer, schedule

@@ -5,7 +5,6 @@ adds throughput and test metrics to the logs, `BestModelSaver` keeps the best mo
 `ScalarSummaries` writes TensorBoard scalars and `ProgressLine` prints one line.
 """
 
-import contextlib
 import os
 import time
 
@@ -14,17 +13,7 @@ import tensorflow as tf
 
 from pibconv_tf import runs
 from pibconv_tf.model import cells
-
-
-@contextlib.contextmanager
-def dtype_policy(name):
-    """Sets Keras' global dtype policy (e.g. "mixed_float16") for the block."""
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(name or "float32")
-    try:
-        yield
-    finally:
-        keras.config.set_dtype_policy(previous)
+from pibconv_tf.model.numerics import dtype_policy  # noqa: F401 (re-exported)
 
 
 class EpochSchedule(keras.callbacks.Callback):

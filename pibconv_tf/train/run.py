@@ -20,7 +20,7 @@ from absl import logging
 
 from pibconv_tf import checkpoints, data, distribute, runs
 from pibconv_tf.errors import Interrupted, UserInputError
-from pibconv_tf.model import genotypes, networks
+from pibconv_tf.model import genotypes, networks, saving
 from pibconv_tf.runs import RunDir
 from pibconv_tf.train.callbacks import (
     BestModelSaver,
@@ -152,7 +152,7 @@ def _train(config, run_dir, genotype, source, extra_callbacks):
             )
         stopper.check(run_dir.file(runs.CHECKPOINT_DIR))
         export.save(run_dir.file(runs.MODEL))
-        _check_export(run_dir, export, source, config)
+        _check_export(run_dir, source, config)
     result = _result(run_dir)
     run_dir.write_json(runs.RESULT, result)
     return result
@@ -259,14 +259,14 @@ def _finished(run_dir, config):
     return result
 
 
-def _check_export(run_dir, export, source, config):
-    """Warns when the saved model.keras does not evaluate as the last epoch's test did (it
-    is the same network, so only a broken save or restore would make them differ)."""
+def _check_export(run_dir, source, config):
+    """Warns when the saved model.keras, loaded back, does not evaluate as the last epoch's
+    test did (the same network: only a broken save or restore would make them differ)."""
     records = run_dir.read_jsonl(runs.METRICS)
     recorded = records[-1].get("test_accuracy") if records else None
     if recorded is None:
         return
-    model = export.model()
+    model = saving.load_model(str(run_dir.file(runs.MODEL)))
     logits = model.predict(data.eval_pipeline(source, config.batch_size), verbose=0)
     labels = source.numpy("test")[1]
     accuracy = float(np.mean(np.argmax(logits, axis=-1) == labels))

@@ -48,6 +48,7 @@ class AuxiliaryTrainer(keras.Model):
         self.top5 = keras.metrics.SparseTopKCategoricalAccuracy(
             k=min(5, num_classes), name="top5_accuracy"
         )
+        self.built = True  # the network is: a JAX step can take the state now
 
     @property
     def metrics(self):
@@ -253,7 +254,7 @@ def build_trainer(config, genotype, num_classes, image_size):
         )
     trainer = AuxiliaryTrainer(network, config.auxiliary_weight)
     optimizer = make_optimizer(config, _replicas())
-    trainer.compile(optimizer=optimizer, jit_compile=config.jit_compile)
+    trainer.compile(optimizer=optimizer, jit_compile=numerics.step_jit_compile(config.jit_compile))
     # Built now so that a checkpoint restores the momentum buffers instead of deferring.
     optimizer.build(network.trainable_variables)
     return network, trainer, optimizer
