@@ -80,6 +80,15 @@ def _backend_argument(argv):
 _BACKEND_ARGUMENT = _backend_argument(sys.argv[1:])
 if _BACKEND_ARGUMENT in BACKENDS:
     os.environ["KERAS_BACKEND"] = _BACKEND_ARGUMENT
+# JAX keeps its compiled steps on disk (read at its import): a resumed or repeated run with
+# the same network and batch skips most of the first step's XLA compilation. Set
+# JAX_COMPILATION_CACHE_DIR to move it, or to "" to turn it off.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pibconv_tf", "jax"
+    ),
+)
 
 from absl import app, flags  # noqa: E402
 

@@ -52,10 +52,17 @@ def gradient(tape, loss, sources, loss_scale=None):
     """grad(loss, sources) summed over replicas, through a `DynamicLossScale` if given.
 
     The scale enters as the upstream gradient (so float16 backpropagation sees scaled
-    values) and is divided out after the all-reduce.
+    values) and is divided out after the all-reduce. A source the loss does not use (the
+    normal cells' alphas of a search of fewer than 3 layers) gets zeros, as on JAX.
     """
     upstream = None if loss_scale is None else tf.cast(loss_scale.scale, loss.dtype)
-    grads = all_reduce_sum(tape.gradient(loss, sources, output_gradients=upstream))
+    grads = tape.gradient(
+        loss,
+        sources,
+        output_gradients=upstream,
+        unconnected_gradients=tf.UnconnectedGradients.ZERO,
+    )
+    grads = all_reduce_sum(grads)
     return grads if loss_scale is None else loss_scale.unscale(grads)
 
 
