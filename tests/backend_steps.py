@@ -131,9 +131,9 @@ def hvp(out):
                 keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
             )
 
-        return jax.grad(loss)([v.value for v, a in zip(trainable, is_alpha) if a])
+        return jax.grad(loss)([v.value for v, a in zip(trainable, is_alpha, strict=True) if a])
 
-    weights = [v.value for v, a in zip(trainable, is_alpha) if not a]
+    weights = [v.value for v, a in zip(trainable, is_alpha, strict=True) if not a]
     rng = np.random.default_rng(6)
     vector = [rng.normal(size=w.shape).astype("float32") for w in weights]
     other = [rng.normal(size=w.shape).astype("float32") for w in weights]

@@ -56,7 +56,9 @@ def _groups(arrays, run, kind):
 @pytest.mark.slow
 def test_search_and_training_steps_equal_tensorflows(env, tmp_path):
     outputs = {b: tmp_path / f"{b}.npz" for b in ("tensorflow", "jax")}
-    processes = [_start(env, b, "-m", "tests.backend_steps", "steps", out) for b, out in outputs.items()]  # fmt: skip
+    processes = [
+        _start(env, b, "-m", "tests.backend_steps", "steps", out) for b, out in outputs.items()
+    ]
     for process in processes:
         _finish(process)
     tf, jax = (np.load(outputs[b]) for b in ("tensorflow", "jax"))
@@ -72,7 +74,9 @@ def test_search_and_training_steps_equal_tensorflows(env, tmp_path):
     # The second order moved the alphas elsewhere than the first (it is not a no-op).
     moved = max(
         np.abs(a - b).max()
-        for a, b in zip(_groups(jax, "first", "alphas"), _groups(jax, "second", "alphas"))
+        for a, b in zip(
+            _groups(jax, "first", "alphas"), _groups(jax, "second", "alphas"), strict=True
+        )
     )
     assert moved > 1e-5
 
@@ -187,11 +191,14 @@ def _kill_after_first_epoch(env, command, model_dir):
     process.wait(timeout=60)
     lines = (model_dir / runs.METRICS).read_text().splitlines()
     assert len(lines) <= 1, "killed too late: epoch 2 had ended"
-    resumed = _start(env, "jax", *command[:2], "--backend=jax", "--resume", f"--model_dir={model_dir}")  # fmt: skip
+    resumed = _start(
+        env, "jax", *command[:2], "--backend=jax", "--resume", f"--model_dir={model_dir}"
+    )
     stdout, stderr = _finish(resumed)
     assert "Backend: jax on the CPU." in stdout
     assert "Taking over" in stderr  # the killed run's lock
-    epochs = [json.loads(line)["epoch"] for line in (model_dir / runs.METRICS).read_text().splitlines()]  # fmt: skip
+    lines = (model_dir / runs.METRICS).read_text().splitlines()
+    epochs = [json.loads(line)["epoch"] for line in lines]
     assert epochs == [1, 2]
     return stdout
 
