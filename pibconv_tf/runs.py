@@ -448,3 +448,15 @@ class StopOnNonFinite(keras.callbacks.Callback):
                 f"The loss became non-finite ({logs}) at epoch {epoch + 1}, batch {batch + 1}; "
                 f"the run stopped and {kept} (try a lower learning rate, or mixed precision off)."
             )
+
+
+def stored_config(model_dir, kind):
+    """The `CONFIG` that `--resume` continues from in `model_dir` (a dict), for a run of
+    `kind` ("search", "run"); UserInputError when there is none."""
+    path = os.path.join(model_dir or "", CONFIG)
+    if not model_dir or not os.path.isfile(path):
+        raise UserInputError(
+            f"--resume was given but --model_dir {model_dir!r} holds no {CONFIG} of a {kind}."
+        )
+    with open(path) as stream:
+        return json.load(stream)

@@ -143,7 +143,7 @@ def test_benchmark_measures_jax_steps_without_tensorflow(env, tmp_path):
         assert record["backend"] == "jax" and record["accelerator"] == "CPU"
         assert record["compile_seconds"] > 0 and record["median"] > 0
         assert record["unit"] == "images/s" and record["device"]
-        assert "tensorflow" not in record["versions"] or record["versions"]["jax"]
+        assert record["versions"]["jax"]  # the JAX measured, recorded
     assert "train PIBCONV L=1 C=4 float32 xla [jax]" in stdout
 
 

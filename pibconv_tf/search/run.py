@@ -15,7 +15,6 @@ stream at the start of the next epoch, so the files end as those of an uninterru
 """
 
 import dataclasses
-import json
 import os
 
 import keras
@@ -149,16 +148,12 @@ def _check_resumable(run_dir, config):
 def resumed_config(model_dir, overrides):
     """The `SearchConfig` stored in `model_dir`, with `overrides` (the flags given again)
     laid over it: `--resume --model_dir=DIR` alone continues the run as it was started."""
-    path = os.path.join(model_dir or "", runs.CONFIG)
-    if not model_dir or not os.path.isfile(path):
-        raise UserInputError(
-            f"--resume was given but --model_dir {model_dir!r} holds no {runs.CONFIG} of a search."
-        )
-    with open(path) as stream:
-        stored = json.load(stream)
+    stored = runs.stored_config(model_dir, "search")
     fields = {f.name for f in dataclasses.fields(SearchConfig)}
     if "search_space" not in stored:
-        raise UserInputError(f"{path!r} is not the config.json of a search.")
+        raise UserInputError(
+            f"{os.path.join(model_dir, runs.CONFIG)!r} is not the config.json of a search."
+        )
     values = {key: value for key, value in stored.items() if key in fields}
     for key, value in overrides.items():
         if key in SearchConfig.RESUME_MAY_CHANGE or key == "model_dir":

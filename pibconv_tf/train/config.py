@@ -12,7 +12,6 @@ Reference:
 """
 
 import dataclasses
-import json
 import math
 import numbers
 import os
@@ -158,13 +157,7 @@ def resumed_config(model_dir, overrides):
     `--resume --model_dir=X` alone continues the run as it was started; a field of
     `FIXED_ON_RESUME` given with another value is refused by `train`.
     """
-    path = os.path.join(model_dir or "", runs.CONFIG)
-    if not model_dir or not os.path.isfile(path):
-        raise UserInputError(
-            f"--resume was given but --model_dir {model_dir!r} holds no {runs.CONFIG} of a run."
-        )
-    with open(path) as stream:
-        stored = json.load(stream)
+    stored = runs.stored_config(model_dir, "run")
     own = os.path.join(model_dir, runs.GENOTYPE)
     if stored.get("genotype") not in genotypes.NAMED_GENOTYPES and os.path.isfile(own):
         stored["genotype"] = own  # the run's copy, in case the original file moved
