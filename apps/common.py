@@ -233,6 +233,11 @@ def _configure_runtime():
             _DEFINED["intra_op_threads"].value, _DEFINED["inter_op_threads"].value
         )
         distribute.configure_graph_optimizer(_DEFINED["graph_optimizer"].value)
+    if "strategy" in _DEFINED and os.environ.get("TF_CONFIG"):
+        from pibconv_tf import distribute  # noqa: PLC0415
+
+        # A multi-worker launch: its collectives must be set up before TensorFlow runs.
+        distribute.start_multi_worker()
 
 
 def _devices(backend):

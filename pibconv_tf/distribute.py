@@ -31,6 +31,11 @@ def get_strategy(name="auto", devices=None):
         )
     if keras.backend.backend() == "jax":
         return JaxDistribution(name)
+    if _MULTI_WORKER and name != "multi_worker_mirrored":
+        raise UserInputError(
+            f"TF_CONFIG is set (a multi-worker launch) but --strategy={name}; pass "
+            "--strategy=multi_worker_mirrored, or unset TF_CONFIG for a single process."
+        )
     gpus = tf.config.list_logical_devices("GPU")
     if name == "auto":
         if len(gpus) > 1:
@@ -41,7 +46,22 @@ def get_strategy(name="auto", devices=None):
         return tf.distribute.OneDeviceStrategy(device)
     if name == "mirrored":
         return tf.distribute.MirroredStrategy(devices=devices)
-    return tf.distribute.MultiWorkerMirroredStrategy()
+    return start_multi_worker()
+
+
+_MULTI_WORKER = []
+
+
+def start_multi_worker():
+    """This process's `tf.distribute.MultiWorkerMirroredStrategy` (one per process: the
+    cluster comes from TF_CONFIG, and its collectives must be configured before TensorFlow
+    runs an operation, so the apps call this first when TF_CONFIG is set)."""
+    if not _MULTI_WORKER:
+        try:
+            _MULTI_WORKER.append(tf.distribute.MultiWorkerMirroredStrategy())
+        except (ValueError, KeyError, TypeError) as error:
+            raise UserInputError(f"TF_CONFIG does not describe a cluster: {error}") from error
+    return _MULTI_WORKER[0]
 
 
 class JaxDistribution:
@@ -229,3 +249,31 @@ def reconcile_moving_statistics(model, strategy=None):
     for variable, mean in zip(variables, means, strict=True):
         variable.assign(mean)
     return len(variables)
+
+
+def first_local_batch(model, iterator):
+    """The first batch of a fit's `iterator` as this worker's first replica sees it, for
+    Keras' symbolic build under a strategy (None without one: Keras then builds lazily).
+
+    Keras (3.15) takes the batch's shapes from `strategy.reduce("MEAN", batch)`, which
+    MultiWorkerMirroredStrategy cannot do eagerly (it fails converting the PerReplica
+    values); one replica's batch has the same shapes, on every strategy.
+    """
+    strategy = getattr(model, "_distribute_strategy", None)
+    if strategy is None:
+        return None
+    for _, _, batches in iterator:
+        batch = next(batches)
+        return tf.nest.map_structure(lambda x: strategy.experimental_local_results(x)[0], batch)
+    return None
+
+
+def reducible_logs(logs):
+    """A TensorFlow train or test step's logs, shaped so that Keras can reduce them across
+    the workers of a multi-worker strategy: Keras (3.15) reduces every log with
+    `strategy.reduce("MEAN", value, axis=0)`, which fails on a scalar (tensorflow#72388), so
+    there each log becomes a vector of one value (the mean of equal values is the value).
+    Unchanged elsewhere."""
+    if not _MULTI_WORKER or tf.distribute.get_strategy() is not _MULTI_WORKER[0]:
+        return logs
+    return {name: tf.reshape(value, [1]) for name, value in logs.items()}

@@ -45,6 +45,7 @@ BEST_MODEL = "model_best.keras"
 BEST = "best.json"  # the epoch and test top-1 of model_best.keras
 RESULT = "result.json"  # a finished training run's summary
 LOCK = ".lock"  # the process running in the directory
+WORKER_PREFIX = "pibconv-worker-"  # a multi-worker run's non-chief directories (temporary)
 
 
 class RunDir:
@@ -59,14 +60,23 @@ class RunDir:
         self.path = pathlib.Path(path)
         self.resumed = resumed
         self._lock = None
+        self._temporary = False
 
     @classmethod
-    def prepare(cls, path, resume=False, overwrite=False, lock=True):
+    def prepare(cls, path, resume=False, overwrite=False, lock=True, chief=True):
         """Validates `path` for a new or resumed run, creating or emptying it as asked.
 
         With `lock`, the directory is locked for this process (`RunLock`) before anything
         in it changes; a second run on it is refused.
+
+        A worker of a multi-worker run that is not its chief (`chief=False`) gets a
+        temporary directory instead, as TensorFlow's multi-worker guide asks: it runs the
+        same steps as the chief (their collectives must match), writes its files there and
+        deletes them at `release`; on `--resume` it starts from a copy of the chief's
+        directory (a file system the workers share). Only the chief writes `path`.
         """
+        if not chief:
+            return cls._prepare_worker(path, resume)
         if not path:
             raise UserInputError("--model_dir is required: where the run writes its outputs.")
         if resume and overwrite:
@@ -104,10 +114,33 @@ class RunDir:
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
         return run
 
+    @classmethod
+    def _prepare_worker(cls, path, resume):
+        path = pathlib.Path(path)
+        if resume and not checkpoints.exists(path):
+            raise UserInputError(
+                f"--resume was given but {str(path)!r} holds no checkpoint to resume from "
+                "(a worker reads the chief's --model_dir: is it on a shared file system?)."
+            )
+        scratch = pathlib.Path(tempfile.mkdtemp(prefix=WORKER_PREFIX))
+        if resume:
+            for child in path.iterdir():
+                if child.name in (LOCK, TENSORBOARD):
+                    continue
+                copy = shutil.copytree if child.is_dir() else shutil.copy2
+                copy(child, scratch / child.name)
+        run = cls(scratch, resumed=resume)
+        run._temporary = True
+        atexit.register(run.release)
+        return run
+
     def release(self):
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+        if self._temporary:
+            shutil.rmtree(self.path, ignore_errors=True)
+            self._temporary = False
 
     def file(self, name):
         return self.path / name

@@ -3,6 +3,12 @@ KERAS_BACKEND names; `test_backends` runs it once per backend and compares the r
 
     KERAS_BACKEND=jax python -m tests.backend_steps steps OUT.npz
     KERAS_BACKEND=jax python -m tests.backend_steps hvp OUT.json
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 KERAS_BACKEND=jax \
+        python -m tests.backend_steps parallel OUT.npz
+
+"parallel" takes the first-order search steps and the training steps with each batch split
+over every local JAX device (`keras.distribution.DataParallel`, as `--strategy=mirrored`
+sets it up on JAX); they must equal the steps on one device.
 
 Trainable weights come from a NumPy generator in variable-creation order (the same on
 every backend: the recorded paths let the test check it); the BatchNorm statistics start
@@ -72,6 +78,7 @@ def search(order, hessian="finite_difference"):
         "weights": [np.asarray(w) for w in network.weight_parameters()],
         "loss": history.history["loss"][-1],
         "grad_norm": history.history["grad_norm"][-1],
+        "devices": _devices(network),
     }
 
 
@@ -88,11 +95,32 @@ def train():
         "paths": paths,
         "weights": [np.asarray(w) for w in network.trainable_variables],
         "loss": history.history["loss"][-1],
+        "devices": _devices(network),
     }
 
 
+def _devices(network):
+    """How many devices hold the network's first weight (JAX; 1 on TensorFlow)."""
+    sharding = getattr(network.trainable_variables[0].value, "sharding", None)
+    return len(sharding.device_set) if sharding is not None else 1
+
+
 def steps(out):
-    results = {"first": search("first"), "second": search("second"), "train": train()}
+    _save(out, {"first": search("first"), "second": search("second"), "train": train()})
+
+
+def parallel(out):
+    import jax  # noqa: PLC0415
+
+    from pibconv_tf import distribute  # noqa: PLC0415
+
+    strategy = distribute.get_strategy("mirrored")
+    assert strategy.num_replicas_in_sync == len(jax.local_devices()) > 1, jax.local_devices()
+    assert keras.distribution.distribution() is not None
+    _save(out, {"first": search("first"), "train": train()})
+
+
+def _save(out, results):
     arrays = {}
     for run, result in results.items():
         arrays[f"{run}/paths"] = np.array(result.pop("paths"))
@@ -153,4 +181,4 @@ def hvp(out):
 
 
 if __name__ == "__main__":
-    {"steps": steps, "hvp": hvp}[sys.argv[1]](sys.argv[2])
+    {"steps": steps, "parallel": parallel, "hvp": hvp}[sys.argv[1]](sys.argv[2])

@@ -7,6 +7,7 @@ of the session, which a resumed run reads.
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -45,7 +46,9 @@ def _start(env, backend, *command):
 
 def _finish(process, timeout=900):
     stdout, stderr = process.communicate(timeout=timeout)
-    assert process.returncode == 0, stderr[-3000:]
+    # Without the runtimes' info and warning lines (I0000 ...), which fill the tail otherwise.
+    told = [line for line in stderr.splitlines() if not re.match(r"[IW]\d{4} ", line)]
+    assert process.returncode == 0, (process.args, "\n".join(told)[-4000:])
     return stdout, stderr
 
 
@@ -55,13 +58,25 @@ def _groups(arrays, run, kind):
 
 @pytest.mark.slow
 def test_search_and_training_steps_equal_tensorflows(env, tmp_path):
-    outputs = {b: tmp_path / f"{b}.npz" for b in ("tensorflow", "jax")}
+    """... and on JAX, the same steps with each batch split over two devices
+    (`--strategy=mirrored` there: keras.distribution.DataParallel)."""
+    outputs = {b: tmp_path / f"{b}.npz" for b in ("tensorflow", "jax", "parallel")}
+    two_devices = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     processes = [
-        _start(env, b, "-m", "tests.backend_steps", "steps", out) for b, out in outputs.items()
+        _start(env, "tensorflow", "-m", "tests.backend_steps", "steps", outputs["tensorflow"]),
+        _start(env, "jax", "-m", "tests.backend_steps", "steps", outputs["jax"]),
+        _start(two_devices, "jax", "-m", "tests.backend_steps", "parallel", outputs["parallel"]),
     ]
     for process in processes:
         _finish(process)
-    tf, jax = (np.load(outputs[b]) for b in ("tensorflow", "jax"))
+    tf, jax, parallel = (np.load(outputs[b]) for b in ("tensorflow", "jax", "parallel"))
+    for run in ("first", "train"):
+        assert jax[f"{run}/devices"] == 1 and parallel[f"{run}/devices"] == 2
+        np.testing.assert_allclose(parallel[f"{run}/loss"], jax[f"{run}/loss"], rtol=1e-5)
+        for kind in ("alphas", "weights") if run != "train" else ("weights",):
+            pairs = zip(_groups(jax, run, kind), _groups(parallel, run, kind), strict=True)
+            for ours, theirs in pairs:
+                np.testing.assert_allclose(theirs, ours, rtol=1e-5, atol=1e-6)
     for run in ("first", "second", "train"):
         np.testing.assert_array_equal(tf[f"{run}/paths"], jax[f"{run}/paths"])
         np.testing.assert_allclose(jax[f"{run}/loss"], tf[f"{run}/loss"], rtol=1e-5)

@@ -317,6 +317,17 @@ class ConvBatchNormTest(test_case.TestCase):
         self.assertLessEqual(types.count("Conv2D"), 1)
         self.assertGreaterEqual(types.count("MatMul"), 3)
 
+    def test_a_synchronized_batch_norm_keeps_the_plain_layers(self):
+        # The one-product form takes one replica's statistics: with --sync_batch_norm the
+        # stem must normalise by the global batch's, as Keras' synchronized layer does.
+        with L.synchronized_batch_norm():
+            stem = L.ConvBatchNorm(8, 3)
+        x = tf.zeros((2, 8, 8, 3))
+        stem(x)
+        with acceleration.using("on"):
+            types = _op_types(lambda t: stem(t, training=True), x)
+        self.assertNotIn("MatMul", types)
+
 
 class GeluTest(test_case.TestCase):
     def test_both_training_forms_have_the_exact_gelu_value_and_derivatives(self):

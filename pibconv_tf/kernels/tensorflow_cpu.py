@@ -176,9 +176,12 @@ def conv_batch_norm_training(layer, inputs):
     scaled per channel, plus the shift: the convolution's and BatchNorm's passes over the
     N*H*W x C_out output (forward and backward) become one matrix product each way. Same
     weights, moving statistics and numbers (to rounding) as `conv` then `bn`; None for
-    float16 / bfloat16 inputs (whose statistics this form would lose precision in).
+    float16 / bfloat16 inputs (whose statistics this form would lose precision in), and for a
+    synchronized BatchNorm (its statistics are the global batch's, over all replicas).
     """
     if not layer.built or inputs.dtype not in ("float32", "float64") or len(inputs.shape) != 4:
+        return None
+    if layer.bn.synchronized:
         return None
     k, filters, bn = layer.kernel_size, layer.filters, layer.bn
     shape = ops.shape(inputs)

@@ -103,6 +103,9 @@ def _build(config, num_classes, strategy):
             order="second" if config.unrolled else "first",
             grad_clip=config.grad_clip,
             hessian=config.hessian,
+            # A shared trace is a nested tf.function, which cannot hold the cross-replica
+            # sum of synchronized BatchNorm: edges are then traced one by one (slower).
+            share_traces=not config.sync_batch_norm,
         )
         # Stepped per epoch by `optim.EpochLearningRate` (not by the optimizer's step count,
         # which float16's skipped steps would hold back).
@@ -213,7 +216,9 @@ def run_search(config):
     )
     if config.steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
-    run_dir = runs.RunDir.prepare(config.model_dir, config.resume, config.overwrite)
+    run_dir = runs.RunDir.prepare(
+        config.model_dir, config.resume, config.overwrite, chief=distribute.is_chief(strategy)
+    )
     try:
         return _run(config, run_dir, strategy, dataset, steps_per_epoch, source)
     finally:

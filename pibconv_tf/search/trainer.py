@@ -145,12 +145,20 @@ class SearchTrainer(keras.Model):
     def train_step(self, *args):
         """TensorFlow: `(data)` -> logs. JAX: `(state, data)` -> (logs, state)."""
         if keras.backend.backend() == "tensorflow":
+            from pibconv_tf import distribute  # noqa: PLC0415
             from pibconv_tf.search import tf_step  # noqa: PLC0415
 
-            return tf_step.train_step(self, *args)
+            return distribute.reducible_logs(tf_step.train_step(self, *args))
         from pibconv_tf.search import jax_step  # noqa: PLC0415
 
         return jax_step.train_step(self, *args)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        if keras.backend.backend() == "tensorflow" and iterator is not None:
+            from pibconv_tf import distribute  # noqa: PLC0415
+
+            iterator, data_batch = None, distribute.first_local_batch(self, iterator)
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def sync_replicas(self):
         """The BatchNorm moving statistics of the network: their mean over the replicas."""
@@ -168,7 +176,10 @@ class SearchTrainer(keras.Model):
         logits = self.network(x, training=False)
         self.val_loss_tracker.update_state(self.per_example_loss(y, logits))
         self.val_accuracy.update_state(y, logits)
-        return {m.name: m.result() for m in (self.val_loss_tracker, self.val_accuracy)}
+        from pibconv_tf import distribute  # noqa: PLC0415
+
+        logs = {m.name: m.result() for m in (self.val_loss_tracker, self.val_accuracy)}
+        return distribute.reducible_logs(logs)
 
 
 def _cross_entropy(labels, logits):

@@ -65,8 +65,12 @@ def train(config, extra_callbacks=()):
             any file is written.
         RunError: the loss became non-finite (the last good checkpoint is kept).
     """
+    # First: a multi-worker strategy must exist before TensorFlow runs an operation.
+    strategy = distribute.get_strategy(config.strategy)
     genotype, source = check_inputs(config)
-    run_dir = RunDir.prepare(config.model_dir, config.resume, config.overwrite)
+    run_dir = RunDir.prepare(
+        config.model_dir, config.resume, config.overwrite, chief=distribute.is_chief(strategy)
+    )
     try:
         if run_dir.resumed:
             genotype = _check_resume(run_dir, config, genotype)
@@ -78,14 +82,13 @@ def train(config, extra_callbacks=()):
                     flush=True,
                 )
                 return finished
-        return _train(config, run_dir, genotype, source, extra_callbacks)
+        return _train(config, run_dir, strategy, genotype, source, extra_callbacks)
     finally:
         run_dir.release()
 
 
-def _train(config, run_dir, genotype, source, extra_callbacks):
+def _train(config, run_dir, strategy, genotype, source, extra_callbacks):
     keras.utils.set_random_seed(config.seed)
-    strategy = distribute.get_strategy(config.strategy)
     with dtype_policy(config.mixed_precision):
         with strategy.scope():
             network, trainer, optimizer = build_trainer(

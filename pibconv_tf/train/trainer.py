@@ -91,7 +91,10 @@ class AuxiliaryTrainer(keras.Model):
         self.optimizer.apply_gradients(zip(gradients, variables, strict=True))
         self.loss_tracker.update_state(loss, sample_weight=ops.shape(labels)[0])
         self.accuracy.update_state(labels, logits)
-        return {"loss": self.loss_tracker.result(), "accuracy": self.accuracy.result()}
+        from pibconv_tf import distribute  # noqa: PLC0415
+
+        logs = {"loss": self.loss_tracker.result(), "accuracy": self.accuracy.result()}
+        return distribute.reducible_logs(logs)
 
     def _jax_train_step(self, state, data):
         """The same step as a stateless function of the trainer's state (jitted by fit).
@@ -136,6 +139,13 @@ class AuxiliaryTrainer(keras.Model):
             offset += len(metric.variables)
         return parts
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        if keras.backend.backend() == "tensorflow" and iterator is not None:
+            from pibconv_tf import distribute  # noqa: PLC0415
+
+            iterator, data_batch = None, distribute.first_local_batch(self, iterator)
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
     def sync_replicas(self):
         """The BatchNorm moving statistics of the network: their mean over the replicas."""
         if keras.backend.backend() == "tensorflow":
@@ -154,7 +164,9 @@ class AuxiliaryTrainer(keras.Model):
         self.loss_tracker.update_state(loss, sample_weight=ops.shape(labels)[0])
         self.accuracy.update_state(labels, logits)
         self.top5.update_state(labels, logits)
-        return {metric.name: metric.result() for metric in self.metrics}
+        from pibconv_tf import distribute  # noqa: PLC0415
+
+        return distribute.reducible_logs({metric.name: metric.result() for metric in self.metrics})
 
     def _jax_test_step(self, state, data):
         trainable, non_trainable, metrics_vars = state
