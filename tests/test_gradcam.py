@@ -171,6 +171,31 @@ def test_run_gradcam_on_dataset_images_targets_labels(tmp_path):
     assert picture.std() > 10
 
 
+def test_images_of_other_classes_than_the_models_are_flagged(tmp_path, caplog):
+    """A model trained on other classes than the dataset's: a warning with --target=predicted
+    (the maps name the model's classes), a refusal with --target=label (issue 21)."""
+    run = tmp_path / "letters_run"
+    run.mkdir()
+    networks.network_cifar(G.DARTS_V2, num_classes=10, init_channels=4, layers=2).save(
+        run / "model.keras"
+    )
+    info = data.load_source("digits").info.to_json_dict()
+    info.update(name="letters", class_names=[chr(ord("a") + i) for i in range(10)])
+    (run / "dataset.json").write_text(json.dumps(info))
+    config = dict(models=[str(run)], dataset="digits", indices=[0, 1], upsample=32)
+    with caplog.at_level("WARNING"):
+        gradcam.run_gradcam(
+            gradcam.GradcamConfig(**config, output=str(tmp_path / "p.png"), target="predicted")
+        )
+    assert "whose classes (0, 1, 2, 3, 4, ...) differ from those model" in caplog.text
+    assert (tmp_path / "p.png").exists()
+    with pytest.raises(UserInputError, match="--target=label explains the labels of 'digits'"):
+        gradcam.run_gradcam(
+            gradcam.GradcamConfig(**config, output=str(tmp_path / "l.png"), target="label")
+        )
+    assert not (tmp_path / "l.png").exists()
+
+
 def _apps(*commands):
     """Runs apps.gradcam once per argument list, concurrently; returns CompletedProcesses."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
