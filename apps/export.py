@@ -28,7 +28,13 @@ _SHARED = common.define("dataset", "data_dir", "image_size", "seed", "overwrite"
 FLAGS = flags.FLAGS
 _MODEL = flags.DEFINE_string("model", None, "The logits-only model.keras written by training.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Directory receiving the artifacts.")
-_FORMATS = flags.DEFINE_list("formats", list(export.FORMATS), "Artifacts to write.")
+_FORMATS = flags.DEFINE_list(
+    "formats",
+    list(export.DEFAULT_FORMATS),
+    f"Artifacts to write, of {', '.join(export.FORMATS)}; tflite_int8_c writes the int8 model "
+    "as C source for TensorFlow Lite Micro (model_data.cc/.h, with the operators its op "
+    "resolver needs).",
+)
 _MEAN = flags.DEFINE_list("mean", None, "Per-channel mean, 0..1 scale (overrides dataset.json).")
 _STD = flags.DEFINE_list("std", None, "Per-channel std, 0..1 scale (overrides dataset.json).")
 _CLASS_NAMES = flags.DEFINE_list("class_names", None, "Class names (overrides dataset.json).")
@@ -93,7 +99,7 @@ def config_from_flags():
     dataset = _SHARED.dataset.value if _SHARED.dataset.present else None
     formats = tuple(_FORMATS.value)
     if not _FORMATS.present and dataset is None:
-        formats = tuple(f for f in formats if f not in tflite.CALIBRATED_FORMATS)
+        formats = tuple(f for f in formats if f not in export.CALIBRATED)
         logging.warning("No --dataset to calibrate with: the int8 formats are left out.")
     return export.ExportConfig(
         model=_MODEL.value,

@@ -91,6 +91,19 @@ _HESSIAN = flags.DEFINE_enum(
     "With --unrolled, the Hessian-vector product: DARTS' central finite difference, or "
     "exact by forward-over-reverse differentiation (--backend=jax only).",
 )
+_MAX_SKIP = flags.DEFINE_integer(
+    "max_skip",
+    None,
+    "Keep at most this many skip connections in the derived normal cell (P-DARTS, arXiv "
+    "1904.12760: the weakest skips give way to their edges' next best operations); unset: "
+    "DARTS' derivation.",
+)
+_EARLY_STOP = flags.DEFINE_bool(
+    "early_stop",
+    False,
+    "Stop the search at the end of the first epoch whose derived normal cell has two or "
+    "more skip connections, and derive the genotype there (DARTS+, arXiv 1909.06035).",
+)
 _STEPS_PER_EPOCH = flags.DEFINE_integer(
     "steps_per_epoch", None, "Cap on the steps of an epoch (quick trials); 0 or unset: all."
 )

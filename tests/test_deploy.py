@@ -7,6 +7,7 @@ exported; their artifacts must compute what Keras computes on the same raw pixel
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ import tensorflow as tf
 from PIL import Image
 
 from pibconv_tf import data
-from pibconv_tf.deploy import export, tflite
+from pibconv_tf.deploy import export, microcontroller, tflite
 from pibconv_tf.errors import RunError, UserInputError
 from pibconv_tf.model import genotypes, networks, pib_conv
 from pibconv_tf.model import operations as ops
@@ -397,7 +398,7 @@ def test_app_writes_artifacts_metadata_and_parity(tmp_path, model_files, digits)
 
     parity = json.loads((output_dir / "parity.json").read_text())
     rows = parity["artifacts"]
-    assert set(rows) == {"keras", "saved_model_uint8", *export.FORMATS}
+    assert set(rows) == {"keras", "saved_model_uint8", *export.DEFAULT_FORMATS}
     assert parity["images"] == {"source": "digits:test", "count": 24}
     for name in ("saved_model", "saved_model_uint8", "tflite_fp32"):
         assert rows[name]["passed"] and rows[name]["max_abs_logit_diff"] <= TOLERANCE
@@ -417,6 +418,56 @@ def test_app_writes_artifacts_metadata_and_parity(tmp_path, model_files, digits)
     assert config["dataset"] == "digits" and config["calibration_images"] == 16
 
     check_edge_runner(output_dir, model_path, digits)
+    check_c_array(output_dir, metadata["artifacts"], tmp_path)
+
+
+def check_c_array(output_dir, artifacts, tmp_path):
+    """`model_data.cc/.h` compile, hold the int8 model's bytes, and register its operators."""
+    compiler = shutil.which("c++") or shutil.which("cc")
+    if compiler is None:
+        pytest.skip("no C++ compiler on this machine to compile model_data.cc")
+    artifact = artifacts[microcontroller.C_ARRAY]
+    model = (output_dir / artifacts["tflite_int8"]["path"]).read_bytes()
+    assert artifact["bytes"] == len(model)
+    assert artifact["operators"] == sorted(artifacts["tflite_int8"]["ops"])
+    assert "AddConv2D" in artifact["resolver"] and "AddQuantize" in artifact["resolver"]
+    # A stand-in for tflite::MicroMutableOpResolver with the methods the header names.
+    methods = "".join(f"  void {name}() {{ ++added; }}\n" for name in artifact["resolver"])
+    (tmp_path / "main.cc").write_text(
+        f"""#include <cstdio>
+#include "model_data.h"
+struct Resolver {{
+  int added = 0;
+{methods}}};
+int main() {{
+  Resolver resolver;
+  PIBCONV_ADD_MODEL_OPERATORS(resolver);
+  unsigned long sum = 0;
+  for (unsigned int i = 0; i < g_model_data_len; ++i) sum = (sum * 31 + g_model_data[i]) % 1000003;
+  std::printf("%u %lu %d %d\\n", g_model_data_len, sum, resolver.added, kModelOperatorCount);
+  return 0;
+}}
+"""
+    )
+    source = output_dir / microcontroller.SOURCE
+    subprocess.run(
+        [compiler, "-std=c++11", "-c", str(source), "-o", str(tmp_path / "model_data.o")],
+        check=True,
+        capture_output=True,
+    )
+    binary = tmp_path / "main"
+    subprocess.run(
+        [compiler, "-std=c++11", f"-I{output_dir}", str(tmp_path / "main.cc"), str(source)]
+        + ["-o", str(binary)],
+        check=True,
+        capture_output=True,
+    )
+    printed = subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout
+    expected = 0
+    for byte in model:
+        expected = (expected * 31 + byte) % 1000003
+    count = len(artifact["resolver"])
+    assert printed.split() == [str(len(model)), str(expected), str(count), str(count)]
 
 
 def check_edge_runner(output_dir, model_path, digits):

@@ -88,3 +88,26 @@ def test_derive_cell_on_hand_set_weights():
         ("max_pool_3x3", 4),
     )
     assert all(op != "none" for op, _ in cell)
+
+
+def test_max_skip_keeps_the_strongest_skips_and_rederives_the_rest():
+    """P-DARTS' rule: with more skip connections than allowed, the weakest skips give way
+    to their edge's next best operation (or to another input), the strongest stay."""
+    primitives = search_spaces.get_search_space("darts").primitives
+    weights = np.full((14, len(primitives)), 0.01)
+    skip, sep3 = primitives.index("skip_connect"), primitives.index("sep_conv_3x3")
+    # Skips on edges 0 (0.9), 1 (0.5), 3 (0.8), 4 (0.3); next best operations below them.
+    for edge, strength in {0: 0.9, 1: 0.5, 3: 0.8, 4: 0.3}.items():
+        weights[edge, skip] = strength
+    weights[1, sep3], weights[4, sep3], weights[2, sep3] = 0.2, 0.1, 0.25
+    plain = G.derive_cell(weights, primitives, steps=4)
+    assert G.skip_count(plain[:4]) == 4
+    limited = G.derive_cell_with_skip_limit(weights, primitives, steps=4, max_skip=2)
+    assert G.skip_count(limited) == 2
+    assert limited[:2] == (("skip_connect", 0), ("sep_conv_3x3", 1))  # node 0: edge 1 gave way
+    # Node 1 (edges 2, 3, 4 = inputs 0, 1, 2): skip on input 1 stays; input 0's sep_conv
+    # (0.25) now outranks input 2's (0.1).
+    assert limited[2:4] == (("skip_connect", 1), ("sep_conv_3x3", 0))
+    assert limited[4:] == plain[4:]
+    assert G.derive_cell_with_skip_limit(weights, primitives, 4, None) == plain
+    assert G.skip_count(G.derive_cell_with_skip_limit(weights, primitives, 4, 0)) == 0

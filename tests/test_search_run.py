@@ -262,3 +262,26 @@ def test_ctrl_c_mid_epoch_then_resume_gives_the_alphas_of_an_uninterrupted_searc
     assert read_jsonl(model_dir / "genotypes.jsonl") == read_jsonl(
         tmp_path / "straight" / "genotypes.jsonl"
     )
+
+
+def test_early_stop_derives_the_genotype_where_it_stopped_and_resume_is_complete(
+    tmp_path, monkeypatch, capsys
+):
+    from pibconv_tf.search import run as search_run  # noqa: PLC0415
+
+    # DARTS+' criterion is "2 or more skips in the normal cell"; at 0 it holds at epoch 1.
+    monkeypatch.setattr(search_run, "EARLY_STOP_SKIPS", 0)
+    model_dir = tmp_path / "early"
+    config = {**TINY, "epochs": 3, "early_stop": True, "max_skip": 0, "model_dir": str(model_dir)}
+    genotype = run_search(config)
+    assert "Early stop after epoch 1" in capsys.readouterr().out
+    records = read_jsonl(model_dir / "genotypes.jsonl")
+    assert [r["epoch"] for r in records] == [1] and records[0]["stopped_early"]
+    assert [m["epoch"] for m in read_jsonl(model_dir / "metrics.jsonl")] == [1]
+    written = Genotype.from_json((model_dir / "genotype.json").read_text())
+    assert written == genotype and all(op != "skip_connect" for op, _ in written.normal)
+    before = {p.name: p.stat().st_mtime_ns for p in model_dir.iterdir()}
+    again = run_search({**config, "resume": True})
+    assert again == genotype
+    assert "complete (stopped early after epoch 1 of 3)" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in model_dir.iterdir()} == before

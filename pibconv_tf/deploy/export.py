@@ -39,14 +39,19 @@ from absl import logging
 
 import pibconv_tf
 from pibconv_tf import data, runs
-from pibconv_tf.deploy import tflite
+from pibconv_tf.deploy import microcontroller, tflite
 from pibconv_tf.errors import RunError, UserInputError
 from pibconv_tf.model import networks, pib_conv, saving
 from pibconv_tf.model.cells import Cell
 from pibconv_tf.runs import write_json_atomic, write_text_atomic
 
 SAVED_MODEL = "saved_model"
-FORMATS = (SAVED_MODEL, *tflite.TFLITE_FORMATS)
+# What --formats writes by default; `tflite_int8_c` (the int8 model as C source for
+# microcontrollers, `microcontroller.py`) on request.
+DEFAULT_FORMATS = (SAVED_MODEL, *tflite.TFLITE_FORMATS)
+FORMATS = (*DEFAULT_FORMATS, microcontroller.C_ARRAY)
+# Formats that need calibration images (the C array is the calibrated int8 model).
+CALIBRATED = (*tflite.CALIBRATED_FORMATS, microcontroller.C_ARRAY)
 # Measured (docs/export.md): the split form runs fastest under XNNPACK, in float and int8.
 DEFAULT_PIB_IMPLEMENTATION = "split"
 SERVING_UINT8 = "serving_uint8"
@@ -99,7 +104,7 @@ class ExportConfig:
 
     model: str
     output_dir: str
-    formats: tuple[str, ...] = FORMATS
+    formats: tuple[str, ...] = DEFAULT_FORMATS
     dataset: str | None = None
     data_dir: str | None = None
     seed: int = 0
@@ -141,7 +146,7 @@ class ExportConfig:
                 )
         if not self.fp32_tolerance > 0:
             raise UserInputError(f"--fp32_tolerance must be > 0, got {self.fp32_tolerance}.")
-        calibrated = [f for f in self.formats if f in tflite.CALIBRATED_FORMATS]
+        calibrated = [f for f in self.formats if f in CALIBRATED]
         if calibrated and not self.dataset:
             raise UserInputError(
                 f"Formats {', '.join(calibrated)} need calibration images: pass --dataset "
@@ -455,6 +460,9 @@ def _write_artifacts(config, info, calibration, images, output_dir):
         }
         logging.info("Wrote %s in %.1f s.", path, time.time() - start)
     formats = [fmt for fmt in config.formats if fmt in tflite.TFLITE_FORMATS]
+    c_array = microcontroller.C_ARRAY in config.formats
+    if c_array and "tflite_int8" not in formats:
+        formats.append("tflite_int8")  # the model the C array holds, written beside it
     for fmt, content in build_tflite(config, info, formats, calibration):
         path = output_dir / tflite.TFLITE_FILES[fmt]
         path.write_bytes(content)
@@ -467,6 +475,11 @@ def _write_artifacts(config, info, calibration, images, output_dir):
             "pib_implementation": config.pib_implementation,
         }
         logging.info("Wrote %s after %.1f s.", path, time.time() - start)
+        if c_array and fmt == "tflite_int8":
+            artifacts[microcontroller.C_ARRAY] = microcontroller.write_c_array(
+                content, list(artifacts[fmt]["ops"]), output_dir, path.name
+            )
+            logging.info("Wrote %s and %s.", microcontroller.SOURCE, microcontroller.HEADER)
     return artifacts, outputs
 
 

@@ -261,3 +261,40 @@ def derive_cell(weights, primitives, steps=4):
             edges.append((primitives[int(np.argmax(block[j]))], int(j)))
         start += inputs
     return tuple(edges)
+
+
+SKIP = "skip_connect"
+
+
+def derive_cell_with_skip_limit(weights, primitives, steps=4, max_skip=None):
+    """`derive_cell` keeping at most `max_skip` skip connections (P-DARTS' rule).
+
+    While the derived cell has more than `max_skip` skip connections, the one with the
+    lowest skip weight loses its skip (that weight is set to zero) and the cell is derived
+    again, so that edge takes its next best operation, or another input takes its place.
+    None keeps DARTS' derivation.
+
+    Reference: Chen et al., Progressive Differentiable Architecture Search, arXiv 1904.12760
+    (Sec. 3.3, "search space regularization").
+    """
+    weights = np.array(weights, dtype=np.float64)
+    edges = derive_cell(weights, primitives, steps)
+    if max_skip is None or SKIP not in primitives:
+        return edges
+    skip = primitives.index(SKIP)
+    starts = np.cumsum([0] + [node + 2 for node in range(steps)])
+    while sum(op == SKIP for op, _ in edges) > max_skip:
+        chosen = [
+            starts[position // EDGES_PER_NODE] + j
+            for position, (op, j) in enumerate(edges)
+            if op == SKIP
+        ]
+        weakest = min(chosen, key=lambda row: weights[row, skip])
+        weights[weakest, skip] = 0.0
+        edges = derive_cell(weights, primitives, steps)
+    return edges
+
+
+def skip_count(edges):
+    """How many of a cell's derived edges are skip connections."""
+    return sum(op == SKIP for op, _ in edges)

@@ -349,13 +349,16 @@ class SearchNetwork(keras.Model):
             "reduce": _softmax(self._alphas_reduce),
         }
 
-    def genotype(self):
+    def genotype(self, max_skip=None):
         """DARTS' discretisation: per node the two strongest edges, each with its best non-none
-        operation; the output concatenates the last `multiplier` nodes."""
+        operation; the output concatenates the last `multiplier` nodes. `max_skip` limits the
+        normal cell's skip connections (P-DARTS, `genotypes.derive_cell_with_skip_limit`)."""
         weights = self.arch_weights()
         concat = tuple(range(2 + self.steps - self.multiplier, self.steps + 2))
         return genotypes_lib.Genotype(
-            normal=genotypes_lib.derive_cell(weights["normal"], self.primitives, self.steps),
+            normal=genotypes_lib.derive_cell_with_skip_limit(
+                weights["normal"], self.primitives, self.steps, max_skip
+            ),
             normal_concat=concat,
             reduce=genotypes_lib.derive_cell(weights["reduce"], self.primitives, self.steps),
             reduce_concat=concat,

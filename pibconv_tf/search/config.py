@@ -52,6 +52,8 @@ class SearchConfig:
     train_portion: float = 0.5
     unrolled: bool = False
     hessian: str = "finite_difference"
+    max_skip: int | None = None
+    early_stop: bool = False
     steps_per_epoch: int | None = None
     stop_after_epoch: int | None = None
     run_eagerly: bool = False
@@ -94,6 +96,8 @@ class SearchConfig:
         _check_int("image_size", self.image_size, 8, "an integer >= 8")
         if self.steps_per_epoch is not None:
             _check_int("steps_per_epoch", self.steps_per_epoch, 0, "an integer >= 0 (0: all)")
+        if self.max_skip is not None:
+            _check_int("max_skip", self.max_skip, 0, "an integer >= 0 (unset: no limit)")
         if self.stop_after_epoch is not None:
             _check_int("stop_after_epoch", self.stop_after_epoch, 1, "an epoch from 1")
         for name in ("learning_rate", "arch_learning_rate"):

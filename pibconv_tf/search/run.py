@@ -23,7 +23,7 @@ from absl import logging
 
 from pibconv_tf import data, distribute, optim, runs
 from pibconv_tf.errors import Interrupted, UserInputError
-from pibconv_tf.model import numerics
+from pibconv_tf.model import genotypes, numerics
 from pibconv_tf.model.genotypes import Genotype
 from pibconv_tf.model.search_network import SearchNetwork, build_network
 from pibconv_tf.optim import TorchAdam
@@ -41,11 +41,14 @@ class ArchitectureLogger(keras.callbacks.Callback):
         history: {"normal": [...], "reduce": [...]} of earlier epochs (when resuming).
     """
 
-    def __init__(self, run_dir, network, history=None):
+    def __init__(self, run_dir, network, history=None, max_skip=None, early_stop=False):
         super().__init__()
         self.run_dir = run_dir
         self.network = network
         self.history = history or {"normal": [], "reduce": []}
+        self.max_skip = max_skip
+        self.early_stop = early_stop
+        self.stopped_early = None  # the epoch DARTS+' criterion stopped the search after
 
     def on_epoch_end(self, epoch, logs=None):
         if runs.interrupted(self.model):
@@ -54,14 +57,28 @@ class ArchitectureLogger(keras.callbacks.Callback):
         weights = self.network.arch_weights()
         if not all(np.isfinite(w).all() for w in weights.values()):
             return
-        genotype = self.network.genotype()
-        self.run_dir.append_jsonl(
-            runs.GENOTYPES, {"epoch": epoch + 1, "genotype": genotype.to_dict()}
-        )
+        genotype = self.network.genotype(self.max_skip)
+        record = {"epoch": epoch + 1, "genotype": genotype.to_dict()}
+        # DARTS+' criterion on DARTS' own derivation (before any --max_skip).
+        skips = genotypes.skip_count(self.network.genotype().normal)
+        if self.early_stop and skips >= EARLY_STOP_SKIPS:
+            self.stopped_early = epoch + 1
+            record["stopped_early"] = True
+            self.model.stop_training = True
+            print(
+                f"Early stop after epoch {epoch + 1}: the normal cell has {skips} skip "
+                "connections (DARTS+' criterion); the genotype is derived here.",
+                flush=True,
+            )
+        self.run_dir.append_jsonl(runs.GENOTYPES, record)
         for kind in ("normal", "reduce"):
             self.history[kind].append(weights[kind])
         write_alphas(self.run_dir.file(runs.ALPHAS), self.history, self.network.primitives)
         logging.info("Epoch %d genotype: %s", epoch + 1, genotype)
+
+
+# DARTS+' early stop: two or more skip connections in the derived normal cell.
+EARLY_STOP_SKIPS = 2
 
 
 def write_alphas(path, history, primitives):
@@ -230,9 +247,14 @@ def _run(config, run_dir, strategy, dataset, steps_per_epoch, source):
         _check_resumable(run_dir, config)
         finished = _finished(run_dir, config)
         if finished is not None:
+            done = run_dir.checkpoints().entries()[0]["epoch"]
+            how = (
+                f"{config.epochs} epochs"
+                if done >= config.epochs
+                else (f"stopped early after epoch {done} of {config.epochs}")
+            )
             print(
-                f"The search in {str(run_dir.path)!r} is complete ({config.epochs} epochs); "
-                "nothing to do.",
+                f"The search in {str(run_dir.path)!r} is complete ({how}); nothing to do.",
                 flush=True,
             )
             return finished
@@ -255,11 +277,14 @@ def _run(config, run_dir, strategy, dataset, steps_per_epoch, source):
 
 
 def _finished(run_dir, config):
-    """The genotype of a search that has run all `config.epochs` epochs, else None."""
+    """The genotype of a search that has run all `config.epochs` epochs (or that
+    `--early_stop` ended), else None."""
     entries = run_dir.checkpoints().entries()
-    if not entries or entries[0]["step"] or entries[0]["epoch"] < config.epochs:
+    if not entries or entries[0]["step"] or not run_dir.file(runs.GENOTYPE).exists():
         return None
-    if not run_dir.file(runs.GENOTYPE).exists():
+    records = run_dir.read_jsonl(runs.GENOTYPES)
+    early = bool(records) and records[-1].get("stopped_early", False)
+    if entries[0]["epoch"] < config.epochs and not early:
         return None
     return Genotype.from_dict(run_dir.read_json(runs.GENOTYPE))
 
@@ -280,13 +305,14 @@ def _search(config, run_dir, strategy, dataset, steps_per_epoch, info):
     last = min(config.epochs, config.stop_after_epoch or config.epochs)
     stop = runs.StopOnNonFinite()
     interrupt = runs.Interrupt(saved, first_step=step)
+    architecture = ArchitectureLogger(run_dir, network, history, config.max_skip, config.early_stop)
     callbacks = [
         runs.SyncState(),
         interrupt,
         optim.EpochLearningRate(schedule),
         stop,
         runs.EpochLogger(run_dir, extra=lambda e: {"lr": schedule.at_epoch(e)}),
-        ArchitectureLogger(run_dir, network, history),
+        architecture,
         EpochTensorBoard(str(run_dir.file(runs.TENSORBOARD))),
         runs.EpochCheckpoint(saved),  # last: records first, then the state
     ]
@@ -305,7 +331,8 @@ def _search(config, run_dir, strategy, dataset, steps_per_epoch, info):
         )
         done += 1
         stream = dataset.repeat().skip(done * steps_per_epoch)
-    if done < last and not (runs.interrupted(trainer) or stop.bad_batch is not None):
+    stopped = runs.interrupted(trainer) or stop.bad_batch is not None
+    if done < last and not (stopped or architecture.stopped_early):
         trainer.fit(
             stream,
             epochs=last,
@@ -320,8 +347,8 @@ def _search(config, run_dir, strategy, dataset, steps_per_epoch, info):
             f"Stopped after step {steps_done} of epoch {epoch + 1}; saved {interrupt.saved}."
         )
     stop.check(run_dir.file(runs.CHECKPOINT_DIR))
-    genotype = network.genotype()
-    if last == config.epochs:
+    genotype = network.genotype(config.max_skip)
+    if last == config.epochs or architecture.stopped_early:
         run_dir.write_json(runs.GENOTYPE, genotype.to_dict())
     else:
         print(f"Stopped after epoch {last} of {config.epochs}; continue with --resume.")
