@@ -22,11 +22,13 @@ metrics.jsonl, tensorboard/, checkpoints/.
 from apps import common  # noqa: I001 (first: sets the TensorFlow log level)
 
 import dataclasses
+import pathlib
 
 from absl import flags
 
 from pibconv_tf.model import search_spaces
-from pibconv_tf.search import run
+from pibconv_tf.errors import UserInputError
+from pibconv_tf.search import run, seeds
 from pibconv_tf.search.config import SearchConfig
 
 FLAGS = flags.FLAGS
@@ -119,6 +121,15 @@ _RUN_EAGERLY = flags.DEFINE_bool(
 _VERBOSE = flags.DEFINE_integer("verbose", 1, "Keras fit verbosity: 0 silent, 1 bar, 2 lines.")
 
 
+_SEEDS = flags.DEFINE_list(
+    "seeds",
+    None,
+    "DARTS' seed protocol: one search per seed (e.g. 0,1,2,3), each in --model_dir/seed_<s> "
+    "and resumable one by one; seeds.json/seeds.md summarise them and genotype.json is the "
+    "genotype with the best validation accuracy. --resume continues the protocol.",
+)
+
+
 # Every SearchConfig field is the flag of the same name.
 CONFIG_FLAGS = tuple(field.name for field in dataclasses.fields(SearchConfig))
 
@@ -137,11 +148,29 @@ def config_from_flags():
 def main(argv):
     del argv
     config = config_from_flags()
+    chosen = _seeds(config)
     try:
+        if chosen:
+            summary = seeds.run_seeds(config, chosen)
+            print((pathlib.Path(config.model_dir) / seeds.TABLE).read_text(), end="")
+            print(f"Selected: seed {summary['selected_seed']} -> {config.model_dir}/genotype.json")
+            return
         genotype = run.run_search(config)
     except KeyboardInterrupt as error:
         common.interrupted("apps.search", config.model_dir, error)
     print(genotype.to_json(indent=2))
+
+
+def _seeds(config):
+    """--seeds as integers; on --resume without it, the stored protocol's seeds (if any)."""
+    if _SEEDS.value is None:
+        return seeds.stored_seeds(config.model_dir) if config.resume else None
+    try:
+        return seeds.check_seeds([int(s) for s in _SEEDS.value])
+    except ValueError:
+        raise UserInputError(
+            f"--seeds must list integers >= 0, got {','.join(_SEEDS.value)!r}."
+        ) from None
 
 
 if __name__ == "__main__":

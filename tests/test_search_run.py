@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from pibconv_tf.errors import RunError
+from pibconv_tf.errors import RunError, UserInputError
 from pibconv_tf.model.genotypes import Genotype
 from pibconv_tf.search.config import SearchConfig
 from pibconv_tf.search.run import run_search
@@ -285,3 +285,37 @@ def test_early_stop_derives_the_genotype_where_it_stopped_and_resume_is_complete
     assert again == genotype
     assert "complete (stopped early after epoch 1 of 3)" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in model_dir.iterdir()} == before
+
+
+def test_seed_protocol_selects_the_best_validation_and_resumes(tmp_path, capsys):
+    from pibconv_tf.search import seeds  # noqa: PLC0415
+
+    model_dir = tmp_path / "seeds"
+    config = SearchConfig.from_dict({**TINY, "epochs": 1, "model_dir": str(model_dir)})
+    summary = seeds.run_seeds(config, (0, 1, 2))
+    rows = summary["runs"]
+    assert [row["seed"] for row in rows] == [0, 1, 2]
+    best = max(rows, key=lambda row: (row["val_accuracy"], -row["seed"]))
+    assert summary["selected_seed"] == best["seed"]
+    assert json.loads((model_dir / "genotype.json").read_text()) == best["genotype"]
+    for row in rows:  # each seed's own search, its own genotype file
+        stored = json.loads((model_dir / f"seed_{row['seed']}" / "genotype.json").read_text())
+        assert stored == row["genotype"]
+        assert (
+            json.loads((model_dir / f"seed_{row['seed']}" / "config.json").read_text())["seed"]
+            == row["seed"]
+        )
+    counts = summary["operation_counts"]
+    assert sum(counts["normal"].values()) == sum(counts["reduce"].values()) == 3 * 2
+    assert "(selected)" in (model_dir / "seeds.md").read_text()
+    # Resumed: every search is complete, nothing is searched again.
+    before = {p: p.stat().st_mtime_ns for p in model_dir.glob("seed_*/**/*") if p.is_file()}
+    capsys.readouterr()
+    again = seeds.run_seeds(SearchConfig.from_dict({**config.to_dict(), "resume": True}), (0, 1, 2))
+    assert again["selected_seed"] == summary["selected_seed"]
+    assert capsys.readouterr().out.count("is complete") == 3
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    with pytest.raises(UserInputError, match="--seeds=0,1 differs from the protocol"):
+        seeds.run_seeds(SearchConfig.from_dict({**config.to_dict(), "resume": True}), (0, 1))
+    with pytest.raises(UserInputError, match="lists a seed twice"):
+        seeds.check_seeds((1, 1))

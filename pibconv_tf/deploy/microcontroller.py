@@ -29,7 +29,8 @@ _BYTES_PER_LINE = 12
 def resolver_method(op_name):
     """The `MicroMutableOpResolver` method that registers a TFLite builtin operator, e.g.
     CONV_2D -> AddConv2D, DEPTHWISE_CONV_2D -> AddDepthwiseConv2D, MEAN -> AddMean."""
-    return "Add" + "".join(part.capitalize() for part in op_name.split("_"))
+    parts = op_name.split("_")
+    return "Add" + "".join(p if p[:1].isdigit() else p.capitalize() for p in parts)
 
 
 def c_sources(content, op_names, source_name):
