@@ -166,11 +166,12 @@ def _seeds(config):
     if _SEEDS.value is None:
         return seeds.stored_seeds(config.model_dir) if config.resume else None
     try:
-        return seeds.check_seeds([int(s) for s in _SEEDS.value])
+        values = [int(s) for s in _SEEDS.value]
     except ValueError:
         raise UserInputError(
             f"--seeds must list integers >= 0, got {','.join(_SEEDS.value)!r}."
         ) from None
+    return seeds.check_seeds(values)
 
 
 if __name__ == "__main__":

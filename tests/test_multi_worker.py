@@ -22,14 +22,10 @@ from pibconv_tf import runs
 
 REPO = Path(__file__).resolve().parents[1]
 
-_SEARCH = [
-    "-m",
-    "apps.search",
+# Both apps: digits at 8x8, batches of 8, 3 steps per epoch, 2 epochs, one thread each.
+_SHARED = [
     "--dataset=digits",
     "--image_size=8",
-    "--layers=3",
-    "--nodes=1",
-    "--init_channels=4",
     "--batch_size=8",
     "--steps_per_epoch=3",
     "--epochs=2",
@@ -38,24 +34,10 @@ _SEARCH = [
     "--inter_op_threads=1",
     "--verbose=0",
 ]
-
-
+_SEARCH = ["-m", "apps.search", *_SHARED, "--layers=3", "--nodes=1", "--init_channels=4"]
 _TRAIN = [
-    "-m",
-    "apps.train",
-    "--dataset=digits",
-    "--image_size=8",
-    "--layers=2",
-    "--init_channels=4",
-    "--batch_size=8",
-    "--cutout_length=4",
+    *("-m", "apps.train", *_SHARED, "--layers=2", "--init_channels=4", "--cutout_length=4"),
     "--drop_path_prob=0",  # masks are drawn per replica: not one process's
-    "--steps_per_epoch=3",
-    "--epochs=2",
-    "--sync_batch_norm",
-    "--intra_op_threads=1",
-    "--inter_op_threads=1",
-    "--verbose=0",
 ]
 _COMPARED = {
     "search": ("loss", "accuracy", "grad_norm", "val_loss", "val_accuracy"),

@@ -39,6 +39,7 @@ from pibconv_tf.experiments import sweep
 from pibconv_tf.model import complexity, search_spaces
 from pibconv_tf.runs import CONFIG, has_checkpoint, write_text_atomic
 from pibconv_tf.search import run as search_run
+from pibconv_tf.search import seeds as seed_protocol
 from pibconv_tf.search.config import SearchConfig
 from pibconv_tf.train import config as train_config
 from pibconv_tf.train import run as training
@@ -117,12 +118,7 @@ class RoadmapConfig:
                 )
         if len(set(self.stages)) != len(self.stages):
             raise UserInputError(f"--stages lists a stage twice: {','.join(self.stages)}.")
-        if not self.seeds or any(
-            isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds
-        ):
-            raise UserInputError(f"--seeds must list integers >= 0, got {list(self.seeds)}.")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise UserInputError(f"--seeds lists a seed twice: {list(self.seeds)}.")
+        seed_protocol.check_seeds(self.seeds)
         dataclasses.replace(self.search, model_dir=self.output_dir or "-").validate()
         self.train.validate()
         return self
