@@ -106,6 +106,14 @@ _EARLY_STOP = flags.DEFINE_bool(
     "Stop the search at the end of the first epoch whose derived normal cell has two or "
     "more skip connections, and derive the genotype there (DARTS+, arXiv 1909.06035).",
 )
+_BETA_REGULARIZATION = flags.DEFINE_float(
+    "beta_regularization",
+    0.0,
+    "lambda_max of beta-DARTS' Beta-Decay regularisation of the alphas (arXiv 2203.01665): "
+    "lambda * mean logsumexp(alpha) joins the architecture loss, lambda rising linearly from "
+    "0 at the first epoch to lambda_max at --epochs (the authors' 50-epoch setting is 25); "
+    "0: off.",
+)
 _STEPS_PER_EPOCH = flags.DEFINE_integer(
     "steps_per_epoch", None, "Cap on the steps of an epoch (quick trials); 0 or unset: all."
 )

@@ -6,7 +6,8 @@ KERAS_BACKEND names; `test_backends` runs it once per backend and compares the r
     XLA_FLAGS=--xla_force_host_platform_device_count=2 KERAS_BACKEND=jax \
         python -m tests.backend_steps parallel OUT.npz
 
-"parallel" takes the first-order search steps and the training steps with each batch split
+The second-order run adds beta-DARTS' term (a fixed coefficient). "parallel" takes the
+first-order search steps and the training steps with each batch split
 over every local JAX device (`keras.distribution.DataParallel`, as `--strategy=mirrored`
 sets it up on JAX); they must equal the steps on one device.
 
@@ -59,13 +60,16 @@ def _dataset(*arrays):
     return tf.data.Dataset.from_tensor_slices(arrays).batch(BATCH)
 
 
-def search(order, hessian="finite_difference"):
-    """Alphas, weights and losses after STEPS search steps of `order`."""
+def search(order, hessian="finite_difference", beta_regularization=None):
+    """Alphas, weights and losses after STEPS search steps of `order` (with beta-DARTS'
+    term at a fixed coefficient if `beta_regularization` is given)."""
     keras.utils.set_random_seed(0)
     network = search_network.SearchNetwork(10, 4, 1, steps=1, multiplier=1, seed=0)
     search_network.build_network(network, IMAGE)
     paths = _set_weights(network, 1)
-    trainer = SearchTrainer(network, order=order, hessian=hessian)
+    trainer = SearchTrainer(
+        network, order=order, hessian=hessian, beta_regularization=beta_regularization
+    )
     trainer.compile(
         optim.TorchSGD(0.05, 0.9, coupled_weight_decay=3e-4),
         optim.TorchAdam(3e-3, 0.5, 0.999, coupled_weight_decay=1e-3),
@@ -106,7 +110,8 @@ def _devices(network):
 
 
 def steps(out):
-    _save(out, {"first": search("first"), "second": search("second"), "train": train()})
+    second = search("second", beta_regularization=2.0)
+    _save(out, {"first": search("first"), "second": second, "train": train()})
 
 
 def parallel(out):

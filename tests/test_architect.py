@@ -240,7 +240,8 @@ def run(strategy):
     with strategy.scope():
         net = SearchNetwork(3, 4, 3, steps=1, multiplier=1, search_space="darts", seed=0)
         build_network(net, 8)
-        trainer = SearchTrainer(net, order="second", grad_clip=0.5)
+        # With beta-DARTS' term: added once to the summed gradient, not once per replica.
+        trainer = SearchTrainer(net, order="second", grad_clip=0.5, beta_regularization=5.0)
         trainer.compile(
             optim.TorchSGD(0.05, 0.9, coupled_weight_decay=3e-4),
             optim.TorchSGD(1.0, 0.0),  # alphas move by their gradient (Adam would hide its scale)
@@ -265,8 +266,8 @@ print(json.dumps({
 
 @pytest.mark.slow
 def test_two_replicas_take_the_steps_of_one_device():
-    """Two second-order steps under MirroredStrategy on two logical CPUs (a subprocess:
-    logical devices must be configured before TensorFlow initialises)."""
+    """Two second-order steps (with the Beta-Decay term) under MirroredStrategy on two logical
+    CPUs (a subprocess: logical devices must be configured before TensorFlow initialises)."""
     result = subprocess.run(
         [sys.executable, "-c", MIRRORED_SCRIPT],
         cwd=REPO,

@@ -233,11 +233,12 @@ def test_app_runs_a_traced_first_order_search(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_mid_epoch_then_resume_gives_the_alphas_of_an_uninterrupted_search(tmp_path):
     """The app, traced: a SIGINT in epoch 2 saves the step; --model_dir alone resumes; the
-    alphas and genotypes equal those of a search that never stopped."""
+    alphas and genotypes equal those of a search that never stopped; with beta-DARTS' term,
+    whose coefficient the resumed epoch takes up where the schedule has it."""
     import signal  # noqa: PLC0415
     import time  # noqa: PLC0415
 
-    long = [*APP_TINY, "--epochs=2", "--steps_per_epoch=30"]
+    long = [*APP_TINY, "--epochs=2", "--steps_per_epoch=30", "--beta_regularization=4"]
     straight = run_app(*long, f"--model_dir={tmp_path / 'straight'}")
     assert straight.returncode == 0, straight.stderr[-3000:]
     model_dir = tmp_path / "stopped"
@@ -262,6 +263,8 @@ def test_ctrl_c_mid_epoch_then_resume_gives_the_alphas_of_an_uninterrupted_searc
     assert read_jsonl(model_dir / "genotypes.jsonl") == read_jsonl(
         tmp_path / "straight" / "genotypes.jsonl"
     )
+    metrics = read_jsonl(model_dir / "metrics.jsonl")
+    assert [m["beta_coefficient"] for m in metrics] == [0.0, 2.0]
 
 
 def test_early_stop_derives_the_genotype_where_it_stopped_and_resume_is_complete(

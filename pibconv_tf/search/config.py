@@ -54,6 +54,7 @@ class SearchConfig:
     hessian: str = "finite_difference"
     max_skip: int | None = None
     early_stop: bool = False
+    beta_regularization: float = 0.0
     steps_per_epoch: int | None = None
     stop_after_epoch: int | None = None
     run_eagerly: bool = False
@@ -109,6 +110,9 @@ class SearchConfig:
         for name in ("weight_decay", "arch_weight_decay"):
             _check_float(name, getattr(self, name), 0.0, None, "a number >= 0")
         _check_float("grad_clip", self.grad_clip, 0.0, None, "a number > 0", open_low=True)
+        _check_float(
+            "beta_regularization", self.beta_regularization, 0.0, None, "a number >= 0 (0: off)"
+        )
         if self.hessian not in HESSIANS:
             _bad("hessian", self.hessian, " or ".join(HESSIANS))
         if self.hessian == "exact" and not self.unrolled:

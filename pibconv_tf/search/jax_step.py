@@ -13,6 +13,8 @@ give the same alphas and losses on both backends:
    (`jax.jvp` of the gradient). The first-order validation pass and the pass that gives g
    update the BatchNorm statistics; the passes at w' and w +- eps v do not (as on
    TensorFlow, where they run in a `StatelessScope`).
+   With `beta_regularization`, beta-DARTS' Beta-Decay gradient is added
+   (`search.regularization`), its coefficient read from the state.
 2. TorchAdam on the alphas; then the training loss at the new alphas, its gradient clipped
    to a global norm (PyTorch's `clip_grad_norm_`), and TorchSGD on the weights.
 
@@ -28,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import keras
 
+from pibconv_tf.search import regularization
+
 HESSIANS = ("finite_difference", "exact")
 
 
@@ -42,6 +46,8 @@ class _Layout:
         # The weights in the order the weight optimiser was built on (`SearchTrainer.compile`).
         self.weights = [trainable.index(id(v)) for v in trainer.network.weight_parameters()]
         self.arch_slots = [non_trainable.index(id(v)) for v in trainer.arch_optimizer.variables]
+        beta = trainer.beta_coefficient
+        self.beta = None if beta is None else non_trainable.index(id(beta))
         optimizer_vars = [id(v) for v in optimizer.variables]
         buffers = getattr(optimizer, "momentum_buffers", None)
         self.momentum = None if buffers is None else [optimizer_vars.index(id(b)) for b in buffers]
@@ -93,6 +99,8 @@ def train_step(trainer, state, data):
         alpha_grads, val_logits, non_trainable = _second_order(
             trainer, layout, loss, weights, alphas, non_trainable, optimizer_vars, data
         )
+    if layout.beta is not None:
+        alpha_grads = regularization.add_beta_decay(alpha_grads, alphas, non_trainable[layout.beta])
     arch_slots = _take(non_trainable, layout.arch_slots)
     alphas, arch_slots = trainer.arch_optimizer.stateless_apply(arch_slots, alpha_grads, alphas)
     non_trainable = _put(non_trainable, layout.arch_slots, arch_slots)

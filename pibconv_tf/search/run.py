@@ -27,6 +27,7 @@ from pibconv_tf.model import genotypes, numerics
 from pibconv_tf.model.genotypes import Genotype
 from pibconv_tf.model.search_network import SearchNetwork, build_network
 from pibconv_tf.optim import TorchAdam
+from pibconv_tf.search import regularization
 from pibconv_tf.search.config import SearchConfig
 from pibconv_tf.search.trainer import SearchTrainer
 
@@ -123,6 +124,8 @@ def _build(config, num_classes, strategy):
             # A shared trace is a nested tf.function, which cannot hold the cross-replica
             # sum of synchronized BatchNorm: edges are then traced one by one (slower).
             share_traces=not config.sync_batch_norm,
+            # Set per epoch by `regularization.BetaDecaySchedule`.
+            beta_regularization=0.0 if config.beta_regularization else None,
         )
         # Stepped per epoch by `optim.EpochLearningRate` (not by the optimizer's step count,
         # which float16's skipped steps would hold back).
@@ -311,11 +314,15 @@ def _search(config, run_dir, strategy, dataset, steps_per_epoch, info):
         interrupt,
         optim.EpochLearningRate(schedule),
         stop,
-        runs.EpochLogger(run_dir, extra=lambda e: {"lr": schedule.at_epoch(e)}),
+        runs.EpochLogger(run_dir, extra=lambda e: _epoch_settings(config, schedule, e)),
         architecture,
         EpochTensorBoard(str(run_dir.file(runs.TENSORBOARD))),
         runs.EpochCheckpoint(saved),  # last: records first, then the state
     ]
+    if config.beta_regularization:
+        callbacks.insert(
+            3, regularization.BetaDecaySchedule(config.beta_regularization, config.epochs)
+        )
     # One endless stream; a resumed run skips the batches it has done.
     stream = dataset.repeat().skip(done * steps_per_epoch + step)
     fit = dict(shuffle=False, verbose=config.verbose)  # the pipeline shuffles
@@ -353,6 +360,16 @@ def _search(config, run_dir, strategy, dataset, steps_per_epoch, info):
     else:
         print(f"Stopped after epoch {last} of {config.epochs}; continue with --resume.")
     return genotype
+
+
+def _epoch_settings(config, schedule, epoch):
+    """The scheduled settings of `epoch`, logged with its metrics."""
+    settings = {"lr": schedule.at_epoch(epoch)}
+    if config.beta_regularization:
+        settings["beta_coefficient"] = regularization.coefficient_at(
+            config.beta_regularization, epoch, config.epochs
+        )
+    return settings
 
 
 class EpochTensorBoard(keras.callbacks.TensorBoard):

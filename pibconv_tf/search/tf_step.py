@@ -11,6 +11,7 @@ from keras import ops
 
 from pibconv_tf.search import architect as architect_lib
 from pibconv_tf.search import loss_scale as loss_scale_lib
+from pibconv_tf.search import regularization
 
 
 def clip_by_global_norm(grads, max_norm):
@@ -52,6 +53,12 @@ def train_step(trainer, data):
     alpha_grads, _, val_logits = architect.gradients(
         train_batch, val_batch, xi, _momentum_buffers(trainer)
     )
+    if trainer.beta_coefficient is not None:
+        # Once, on the replicas' summed gradients (every replica adds the same term).
+        alphas = [tf.convert_to_tensor(a) for a in architect.alphas]
+        alpha_grads = regularization.add_beta_decay(
+            alpha_grads, alphas, trainer.beta_coefficient.value
+        )
     alphas_finite = _update(trainer, trainer.arch_optimizer, alpha_grads, network.arch_parameters())
 
     x, y = train_batch

@@ -32,6 +32,9 @@ class SearchTrainer(keras.Model):
             under the mixed_float16 policy (TensorFlow only).
         hessian: the second order's Hessian-vector product: "finite_difference" (DARTS'
             central difference) or "exact" (forward-over-reverse; JAX only).
+        beta_regularization: None (off), or the starting value of `beta_coefficient`, the
+            lambda of beta-DARTS' Beta-Decay term added to the architecture gradient
+            (`search.regularization`; `BetaDecaySchedule` ramps it per epoch).
 
     Call arguments:
         inputs: normalised images; returns the network's logits.
@@ -59,6 +62,7 @@ class SearchTrainer(keras.Model):
         share_traces=True,
         loss_scaling=None,
         hessian="finite_difference",
+        beta_regularization=None,
         **kwargs,
     ):
         kwargs.setdefault("name", "search_trainer")
@@ -101,6 +105,16 @@ class SearchTrainer(keras.Model):
         self.grad_norm = keras.metrics.Mean(name="grad_norm")
         self.architect = None
         self.arch_optimizer = None
+        # A variable, so that a schedule can change it between epochs without a new trace
+        # (on JAX it travels in the step's state with the other non-trainable variables).
+        self.beta_coefficient = None
+        if beta_regularization is not None:
+            self.beta_coefficient = keras.Variable(
+                float(beta_regularization),
+                trainable=False,
+                dtype="float32",
+                name="beta_coefficient",
+            )
         self.built = True
 
     def compile(self, weight_optimizer, arch_optimizer, loss=None, jit_compile=False, **kwargs):
