@@ -70,6 +70,9 @@ _SEARCH_SPACE = flags.DEFINE_enum(
     "search_space", "pibconv", list(harness.SEARCH_SPACES), "Operation set of the search."
 )
 _SEARCH_NODES = flags.DEFINE_integer("search_nodes", 4, "Intermediate nodes per search cell.")
+_SEARCH_PARTIAL_CHANNELS = flags.DEFINE_integer(
+    "search_partial_channels", 1, "K of PC-DARTS' partial channels in search_step (1: DARTS)."
+)
 _ORDER = flags.DEFINE_list("order", list(harness.ORDERS), "Architecture-gradient orders.")
 _INFERENCE_BATCH_SIZES = flags.DEFINE_list(
     "inference_batch_sizes", ["1", "256"], "Batch sizes of Keras and SavedModel inference."
@@ -146,6 +149,7 @@ def config_from_flags():
         search_batch_size=_SEARCH_BATCH_SIZE.value,
         search_space=_SEARCH_SPACE.value,
         search_nodes=_SEARCH_NODES.value,
+        search_partial_channels=_SEARCH_PARTIAL_CHANNELS.value,
         order=tuple(_ORDER.value),
         search_jit_compile=_SHARED.jit_compile.value if _SHARED.jit_compile.present else False,
         inference_batch_sizes=_integers(_INFERENCE_BATCH_SIZES),

@@ -114,6 +114,13 @@ _BETA_REGULARIZATION = flags.DEFINE_float(
     "0 at the first epoch to lambda_max at --epochs (the authors' 50-epoch setting is 25); "
     "0: off.",
 )
+_PARTIAL_CHANNELS = flags.DEFINE_integer(
+    "partial_channels",
+    1,
+    "K of PC-DARTS (arXiv 1907.05737): each edge's operations see 1/K of its channels (the "
+    "rest bypass them, then the channels are shuffled) and each node weights its edges by a "
+    "softmax of edge betas; less memory and time per step. 1: DARTS' edges. PC-DARTS uses 4.",
+)
 _STEPS_PER_EPOCH = flags.DEFINE_integer(
     "steps_per_epoch", None, "Cap on the steps of an epoch (quick trials); 0 or unset: all."
 )

@@ -97,6 +97,7 @@ class BenchmarkConfig:
         search_layers, search_init_channels, search_batch_size, search_space, search_nodes,
             order: the search network (nodes per cell) and the architecture-gradient orders
             of search_step.
+        search_partial_channels: K of PC-DARTS' partial channels in search_step (1: DARTS).
         search_jit_compile: compile the search step with XLA.
         inference_batch_sizes, inference_modes: Keras / SavedModel inference.
         tflite_formats, tflite_threads: TFLite artifacts (batch 1) and LiteRT thread counts.
@@ -139,6 +140,7 @@ class BenchmarkConfig:
     search_batch_size: int = 16
     search_space: str = "pibconv"
     search_nodes: int = 4
+    search_partial_channels: int = 1
     order: tuple[str, ...] = ORDERS
     search_jit_compile: bool = False
     inference_batch_sizes: tuple[int, ...] = (1, 256)
@@ -293,6 +295,7 @@ def _search_params(config):
         "init_channels": config.search_init_channels,
         "search_space": config.search_space,
         "nodes": config.search_nodes,
+        "partial_channels": config.search_partial_channels,
         "image_size": config.image_size,
         "implementation": config.implementation,
         "jit_compile": config.search_jit_compile or config.backend == "jax",

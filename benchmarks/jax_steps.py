@@ -78,7 +78,7 @@ def search_step(spec):
     keras.utils.set_random_seed(p["seed"])
     network = SearchNetwork(
         10, p["init_channels"], p["layers"], p["nodes"], p["nodes"], p["search_space"],
-        seed=p["seed"],
+        seed=p["seed"], partial_channels=p.get("partial_channels", 1),
     )  # fmt: skip
     build_network(network, p["image_size"])
     pib_conv.set_implementation(network, p["implementation"])

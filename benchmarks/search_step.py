@@ -35,6 +35,7 @@ def benchmark_search_step(
     share_traces=True,
     graph_optimizer=None,
     seed=0,
+    partial_channels=1,
 ):
     """Times the search train step (architecture + weight update) on random data.
 
@@ -57,6 +58,7 @@ def benchmark_search_step(
         graph_optimizer: None keeps the process' setting; "auto", "on" or "off" sets it
             (`distribute.configure_graph_optimizer`, process-wide).
         seed: random seed.
+        partial_channels: K of PC-DARTS (1: DARTS' edges).
 
     Returns:
         A dict of the settings and `images_per_second`, `median_step_seconds`,
@@ -66,7 +68,16 @@ def benchmark_search_step(
     if graph_optimizer is not None:
         distribute.configure_graph_optimizer(graph_optimizer)
     keras.utils.set_random_seed(seed)
-    network = SearchNetwork(10, init_channels, layers, nodes, nodes, search_space, seed=seed)
+    network = SearchNetwork(
+        10,
+        init_channels,
+        layers,
+        nodes,
+        nodes,
+        search_space,
+        seed=seed,
+        partial_channels=partial_channels,
+    )
     build_network(network, image_size)
     pib_conv_lib.set_implementation(network, implementation)
     trainer = SearchTrainer(network, order=order, share_traces=share_traces)
@@ -103,6 +114,7 @@ def benchmark_search_step(
         "layers": layers,
         "init_channels": init_channels,
         "nodes": nodes,
+        "partial_channels": partial_channels,
         "search_space": search_space,
         "image_size": image_size,
         "implementation": implementation,

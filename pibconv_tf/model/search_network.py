@@ -4,9 +4,16 @@ stem (3x3 conv, 3 -> 3C, BN) -> `layers` search cells (reductions at layers//3 a
 2*layers//3) -> global average pool -> dense classifier. Every cell of a kind shares one
 architecture matrix: `alphas_normal` or `alphas_reduce`, [num_edges, num_ops] each.
 
+With `partial_channels=K` > 1 the search is PC-DARTS': each edge sends 1/K of its channels
+through the mixed operation and the rest around it, then shuffles the channels; each node
+weights its incoming edges by a softmax over edge parameters (betas, `betas_normal` and
+`betas_reduce`, architecture variables as the alphas), and the genotype is derived from the
+alphas' softmax scaled by those edge weights.
+
 Reference:
     Liu et al., DARTS, arXiv 1806.09055 (Sec. 2, `model_search.py`);
-    Ahmadian et al., arXiv 2301.01286 (Sec. 3: the search setting).
+    Ahmadian et al., arXiv 2301.01286 (Sec. 3: the search setting);
+    Xu et al., PC-DARTS, arXiv 1907.05737 (Sec. 3.2-3.3, `model_search.py`).
 """
 
 import keras
@@ -34,11 +41,16 @@ class MixedOp(keras.layers.Layer):
     computed at all: the sum and all gradients are exactly DARTS' (w_none still takes its
     share of the softmax, which is where its architecture gradient comes from).
 
+    With `partial_channels=K` > 1 (PC-DARTS), the operations see the first filters / K
+    channels only; the other channels bypass them (max-pooled 2x2 on a stride-2 edge) and
+    join their sum, and `channel_shuffle` interleaves the two parts for the next edge.
+
     Args:
         filters: input and output channels (C in the DARTS paper).
         strides: 1, or 2 on the edges that leave a reduction cell's inputs.
         search_space: name of a space in `ops.SEARCH_SPACES`, e.g. "pibconv".
         initializer: "torch" (PyTorch's default, as DARTS) or "keras".
+        partial_channels: K, 1 for DARTS' edge.
 
     Call arguments:
         inputs: NHWC tensor with `filters` channels.
@@ -56,12 +68,24 @@ class MixedOp(keras.layers.Layer):
         Liu et al., DARTS, arXiv 1806.09055, Sec. 2.2.
     """
 
-    def __init__(self, filters, strides=1, search_space="pibconv", initializer="torch", **kwargs):
+    def __init__(
+        self,
+        filters,
+        strides=1,
+        search_space="pibconv",
+        initializer="torch",
+        partial_channels=1,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
+        if filters % partial_channels:
+            raise ValueError(f"filters={filters} is not divisible by K={partial_channels}.")
         self.filters = filters
         self.strides = strides
         self.search_space = search_space
         self.initializer = initializer
+        self.partial_channels = partial_channels
+        channels = filters // partial_channels
         space = search_spaces.get_search_space(search_space)
         self.primitives = space.primitives
         self.candidates = []  # (column of the weights, op, BatchNorm after a pool or None)
@@ -69,7 +93,7 @@ class MixedOp(keras.layers.Layer):
             if op_name == "none":
                 continue
             op = operations.make_op(
-                op_name, filters, strides, False, search_space, initializer, name=op_name
+                op_name, channels, strides, False, search_space, initializer, name=op_name
             )
             pooled = space.pool_batch_norm and "pool" in op_name
             norm = L.batch_norm(False, name=f"{op_name}_bn") if pooled else None
@@ -86,6 +110,16 @@ class MixedOp(keras.layers.Layer):
         self.built = True
 
     def call(self, inputs, weights, training=None):
+        if self.partial_channels == 1:
+            return self._mixed(inputs, weights, training)
+        part = self.filters // self.partial_channels
+        through, around = inputs[..., :part], inputs[..., part:]
+        if self.strides == 2:
+            around = ops.max_pool(around, 2, 2, padding="same")
+        outputs = ops.concatenate([self._mixed(through, weights, training), around], axis=-1)
+        return channel_shuffle(outputs, self.partial_channels)
+
+    def _mixed(self, inputs, weights, training):
         if self.executor is not None:
             return self.executor(self, inputs, weights, training)
         return self.mixed_sum(inputs, weights, training)
@@ -104,7 +138,13 @@ class MixedOp(keras.layers.Layer):
 
     def configuration(self):
         """What makes two MixedOps compute the same function of (inputs, weights, variables)."""
-        return (self.filters, self.strides, self.search_space, self.initializer)
+        return (
+            self.filters,
+            self.strides,
+            self.search_space,
+            self.initializer,
+            self.partial_channels,
+        )
 
     def compute_output_shape(self, input_shape):
         size = [None if s is None else (s + self.strides - 1) // self.strides for s in input_shape]
@@ -117,7 +157,17 @@ class MixedOp(keras.layers.Layer):
             "strides": self.strides,
             "search_space": self.search_space,
             "initializer": self.initializer,
+            "partial_channels": self.partial_channels,
         }
+
+
+def channel_shuffle(inputs, groups):
+    """ShuffleNet's channel shuffle on NHWC: channel g * (C / groups) + j moves to
+    j * groups + g (PC-DARTS' `channel_shuffle`, written for NCHW)."""
+    height, width, channels = inputs.shape[1:]
+    x = ops.reshape(inputs, (-1, height, width, groups, channels // groups))
+    x = ops.transpose(x, (0, 1, 2, 4, 3))
+    return ops.reshape(x, (-1, height, width, channels))
 
 
 def num_edges(steps):
@@ -142,10 +192,13 @@ class SearchCell(keras.layers.Layer):
         multiplier: number of nodes concatenated as the output (4 in DARTS).
         search_space: name of the operation set.
         initializer: "torch" or "keras".
+        partial_channels: K of PC-DARTS' partial channel connections (1: DARTS).
 
     Call arguments:
         inputs: [s0, s1], the outputs of cells k-2 and k-1.
         weights: [num_edges, num_ops] softmax(alpha) of this kind of cell.
+        edge_weights: optional [num_edges] weights of the edges in their node's sum
+            (PC-DARTS' edge normalisation); None sums the edges as DARTS does.
         training: whether BatchNorm uses batch statistics.
 
     Reference:
@@ -161,10 +214,12 @@ class SearchCell(keras.layers.Layer):
         multiplier=4,
         search_space="pibconv",
         initializer="torch",
+        partial_channels=1,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.filters = filters
+        self.partial_channels = partial_channels
         self.reduction = reduction
         self.reduction_prev = reduction_prev
         self.steps = steps
@@ -185,13 +240,17 @@ class SearchCell(keras.layers.Layer):
             for source in range(2 + node):
                 strides = 2 if reduction and source < 2 else 1
                 name = f"edge_{len(self.edges)}"
-                self.edges.append(MixedOp(filters, strides, search_space, initializer, name=name))
+                self.edges.append(
+                    MixedOp(
+                        filters, strides, search_space, initializer, partial_channels, name=name
+                    )
+                )
 
     def build(self, inputs_shape, weights_shape):
         # Sub-layers build at the first eager call (see `MixedOp.build`).
         self.built = True
 
-    def call(self, inputs, weights, training=None):
+    def call(self, inputs, weights, edge_weights=None, training=None):
         s0, s1 = inputs
         states = [self.preprocess0(s0, training=training), self.preprocess1(s1, training=training)]
         offset = 0
@@ -199,6 +258,8 @@ class SearchCell(keras.layers.Layer):
             total = None
             for source, state in enumerate(states):
                 h = self.edges[offset + source](state, weights[offset + source], training=training)
+                if edge_weights is not None:
+                    h = ops.cast(edge_weights[offset + source], h.dtype) * h
                 total = h if total is None else total + h
             offset += len(states)
             states.append(total)
@@ -214,6 +275,7 @@ class SearchCell(keras.layers.Layer):
             "multiplier": self.multiplier,
             "search_space": self.search_space,
             "initializer": self.initializer,
+            "partial_channels": self.partial_channels,
         }
 
 
@@ -235,6 +297,8 @@ class SearchNetwork(keras.Model):
         search_space: name of the operation set (`ops.SEARCH_SPACES`), "pibconv" by default.
         initializer: "torch" (PyTorch's default, as DARTS) or "keras".
         seed: optional seed of the alphas' initialisation (1e-3 * N(0, 1)).
+        partial_channels: K of PC-DARTS (1: DARTS); with K > 1 the network also has the
+            edge betas, [num_edges] per kind of cell, initialised as the alphas.
 
     Call arguments:
         inputs: normalised [N, H, W, 3] images.
@@ -261,6 +325,7 @@ class SearchNetwork(keras.Model):
         search_space="pibconv",
         initializer="torch",
         seed=None,
+        partial_channels=1,
         **kwargs,
     ):
         kwargs.setdefault("name", "search_network")
@@ -275,6 +340,11 @@ class SearchNetwork(keras.Model):
         self.search_space = search_space
         self.initializer = initializer
         self.seed = seed
+        self.partial_channels = partial_channels
+        if init_channels % partial_channels:
+            raise ValueError(
+                f"init_channels={init_channels} is not divisible by K={partial_channels}."
+            )
         self.primitives = search_spaces.get_search_space(search_space).primitives
         stem_channels = STEM_MULTIPLIER * init_channels
         self.stem_conv = L.conv2d(stem_channels, 3, 1, initializer, name="stem_conv")
@@ -292,6 +362,7 @@ class SearchNetwork(keras.Model):
                 multiplier,
                 search_space,
                 initializer,
+                partial_channels,
                 name=f"cell_{index}",
             )
             self.cells.append(cell)
@@ -307,6 +378,17 @@ class SearchNetwork(keras.Model):
         self._alphas_reduce = self.add_weight(
             shape=shape, initializer=init, name="alphas_reduce", autocast=False
         )
+        self._betas = []
+        if partial_channels > 1:
+            for offset, kind in ((2, "normal"), (3, "reduce")):
+                init = keras.initializers.RandomNormal(
+                    stddev=1e-3, seed=None if seed is None else seed + offset
+                )
+                self._betas.append(
+                    self.add_weight(
+                        shape=shape[:1], initializer=init, name=f"betas_{kind}", autocast=False
+                    )
+                )
 
     @property
     def alphas_normal(self):
@@ -319,7 +401,12 @@ class SearchNetwork(keras.Model):
         return self._alphas_reduce
 
     def arch_parameters(self):
-        """[alphas_normal, alphas_reduce]: what the architecture optimiser updates."""
+        """[alphas_normal, alphas_reduce] (+ [betas_normal, betas_reduce] with partial
+        channels): what the architecture optimiser updates."""
+        return [self._alphas_normal, self._alphas_reduce, *self._betas]
+
+    def alpha_parameters(self):
+        """[alphas_normal, alphas_reduce], without PC-DARTS' betas."""
         return [self._alphas_normal, self._alphas_reduce]
 
     def weight_parameters(self):
@@ -334,26 +421,50 @@ class SearchNetwork(keras.Model):
     def call(self, inputs, training=None):
         normal = ops.softmax(ops.convert_to_tensor(self._alphas_normal), axis=-1)
         reduce = ops.softmax(ops.convert_to_tensor(self._alphas_reduce), axis=-1)
+        edges = {False: None, True: None}
+        if self._betas:
+            edges = {
+                kind: node_softmax(ops.convert_to_tensor(betas), self.steps)
+                for kind, betas in zip((False, True), self._betas, strict=True)
+            }
         x = L.norm(self.stem_bn, L.conv(self.stem_conv, inputs, training), training)
         s0 = s1 = x
         for cell in self.cells:
             weights = reduce if cell.reduction else normal
-            s0, s1 = s1, cell([s0, s1], weights, training=training)
+            state = cell([s0, s1], weights, edges[cell.reduction], training=training)
+            s0, s1 = s1, state
         x = ops.mean(s1, axis=(1, 2))
         return self.classifier(x)
 
     def arch_weights(self):
-        """{"normal", "reduce"}: softmax(alpha) as float64 numpy arrays [num_edges, num_ops]."""
-        return {
+        """{"normal", "reduce"}: softmax(alpha) as float64 numpy arrays [num_edges, num_ops];
+        with partial channels also {"normal_edges", "reduce_edges"}: the edges' weights in
+        their node's sum, [num_edges] (per node a softmax of the betas)."""
+        weights = {
             "normal": _softmax(self._alphas_normal),
             "reduce": _softmax(self._alphas_reduce),
+        }
+        for kind, betas in zip(("normal", "reduce"), self._betas, strict=True):
+            values = np.asarray(keras.ops.convert_to_numpy(betas), np.float64)
+            weights[f"{kind}_edges"] = _node_softmax_numpy(values, self.steps)
+        return weights
+
+    def derivation_weights(self):
+        """{"normal", "reduce"}: what the genotype is derived from: softmax(alpha), each row
+        scaled by its edge's weight under partial channels (PC-DARTS)."""
+        weights = self.arch_weights()
+        return {
+            kind: weights[kind] * weights[f"{kind}_edges"][:, None]
+            if f"{kind}_edges" in weights
+            else weights[kind]
+            for kind in ("normal", "reduce")
         }
 
     def genotype(self, max_skip=None):
         """DARTS' discretisation: per node the two strongest edges, each with its best non-none
         operation; the output concatenates the last `multiplier` nodes. `max_skip` limits the
         normal cell's skip connections (P-DARTS, `genotypes.derive_cell_with_skip_limit`)."""
-        weights = self.arch_weights()
+        weights = self.derivation_weights()
         concat = tuple(range(2 + self.steps - self.multiplier, self.steps + 2))
         return genotypes_lib.Genotype(
             normal=genotypes_lib.derive_cell_with_skip_limit(
@@ -376,7 +487,27 @@ class SearchNetwork(keras.Model):
             "search_space": self.search_space,
             "initializer": self.initializer,
             "seed": self.seed,
+            "partial_channels": self.partial_channels,
         }
+
+
+def node_softmax(betas, steps):
+    """[num_edges] edge weights: a softmax of `betas` over each node's incoming edges (node i
+    has 2 + i), PC-DARTS' edge normalisation."""
+    parts, start = [], 0
+    for node in range(steps):
+        parts.append(ops.softmax(betas[start : start + 2 + node], axis=-1))
+        start += 2 + node
+    return ops.concatenate(parts, axis=0)
+
+
+def _node_softmax_numpy(betas, steps):
+    parts, start = [], 0
+    for node in range(steps):
+        block = np.exp(betas[start : start + 2 + node] - betas[start : start + 2 + node].max())
+        parts.append(block / block.sum())
+        start += 2 + node
+    return np.concatenate(parts)
 
 
 def _softmax(variable):

@@ -55,6 +55,7 @@ class SearchConfig:
     max_skip: int | None = None
     early_stop: bool = False
     beta_regularization: float = 0.0
+    partial_channels: int = 1
     steps_per_epoch: int | None = None
     stop_after_epoch: int | None = None
     run_eagerly: bool = False
@@ -92,6 +93,13 @@ class SearchConfig:
             _bad("init_channels", self.init_channels, "an even integer >= 2")
         _check_int("layers", self.layers, 3, "an integer >= 3 (a normal and two reductions)")
         _check_int("nodes", self.nodes, 1, "an integer >= 1")
+        _check_int("partial_channels", self.partial_channels, 1, "an integer >= 1 (1: DARTS)")
+        if self.partial_channels > 1 and self.init_channels % (2 * self.partial_channels):
+            raise UserInputError(
+                f"--partial_channels={self.partial_channels} needs --init_channels divisible "
+                f"by {2 * self.partial_channels}: each operation sees init_channels / K "
+                f"channels, which must be even; got --init_channels={self.init_channels}."
+            )
         _check_int("epochs", self.epochs, 1, "an integer >= 1")
         _check_int("batch_size", self.batch_size, 1, "a positive integer")
         _check_int("image_size", self.image_size, 8, "an integer >= 8")

@@ -30,16 +30,22 @@ from keras import ops
 
 def beta_decay_loss(alphas):
     """L_beta of the alpha matrices `alphas` ([num_edges, num_ops] each)."""
-    rows = [ops.logsumexp(ops.cast(a, "float32"), axis=-1) for a in alphas]
+    rows = [ops.logsumexp(ops.cast(a, "float32"), axis=-1) for a in alphas if len(a.shape) == 2]
     return ops.mean(ops.concatenate(rows, axis=0))
 
 
 def add_beta_decay(alpha_grads, alphas, coefficient):
-    """`alpha_grads` + coefficient * d L_beta / d alphas (softmax(alpha) / rows)."""
-    rows = sum(int(a.shape[0]) for a in alphas)
+    """`alpha_grads` + coefficient * d L_beta / d alphas (softmax(alpha) / rows).
+
+    Only the alpha matrices (rank 2) are regularised: PC-DARTS' edge betas (rank 1), which
+    may follow them in the architecture parameters, keep their gradients.
+    """
+    rows = sum(int(a.shape[0]) for a in alphas if len(a.shape) == 2)
     scale = ops.cast(coefficient, "float32") / float(rows)
     return [
         g + ops.cast(scale * ops.softmax(ops.cast(a, "float32"), axis=-1), g.dtype)
+        if len(a.shape) == 2
+        else g
         for g, a in zip(alpha_grads, alphas, strict=True)
     ]
 

@@ -46,7 +46,7 @@ class ArchitectureLogger(keras.callbacks.Callback):
         super().__init__()
         self.run_dir = run_dir
         self.network = network
-        self.history = history or {"normal": [], "reduce": []}
+        self.history = history or {kind: [] for kind in network.arch_weights()}
         self.max_skip = max_skip
         self.early_stop = early_stop
         self.stopped_early = None  # the epoch DARTS+' criterion stopped the search after
@@ -72,8 +72,8 @@ class ArchitectureLogger(keras.callbacks.Callback):
                 flush=True,
             )
         self.run_dir.append_jsonl(runs.GENOTYPES, record)
-        for kind in ("normal", "reduce"):
-            self.history[kind].append(weights[kind])
+        for kind, value in weights.items():
+            self.history[kind].append(value)
         write_alphas(self.run_dir.file(runs.ALPHAS), self.history, self.network.primitives)
         logging.info("Epoch %d genotype: %s", epoch + 1, genotype)
 
@@ -83,24 +83,19 @@ EARLY_STOP_SKIPS = 2
 
 
 def write_alphas(path, history, primitives):
-    """Saves the softmax(alpha) history atomically (a crash never leaves half a file)."""
+    """Saves the softmax(alpha) history atomically (a crash never leaves half a file); with
+    partial channels also the edge weights (`normal_edges`, `reduce_edges`)."""
+    arrays = {kind: np.asarray(values, np.float32) for kind, values in history.items()}
     with runs.atomic_file(path, "wb") as stream:
-        np.savez(
-            stream,
-            normal=np.asarray(history["normal"], np.float32),
-            reduce=np.asarray(history["reduce"], np.float32),
-            primitives=np.asarray(primitives),
-        )
+        np.savez(stream, **arrays, primitives=np.asarray(primitives))
 
 
 def read_alphas(path):
-    """The history in `alphas.npz`: {"normal", "reduce"} lists of arrays, and "primitives"."""
+    """The history in `alphas.npz`: {"normal", "reduce"} (and with partial channels
+    "normal_edges", "reduce_edges") lists of arrays, and "primitives"."""
     with np.load(path) as arrays:
-        return {
-            "normal": list(arrays["normal"]),
-            "reduce": list(arrays["reduce"]),
-            "primitives": tuple(str(p) for p in arrays["primitives"]),
-        }
+        history = {kind: list(arrays[kind]) for kind in arrays.files if kind != "primitives"}
+        return {**history, "primitives": tuple(str(p) for p in arrays["primitives"])}
 
 
 def _build(config, num_classes, strategy):
@@ -114,6 +109,7 @@ def _build(config, num_classes, strategy):
             config.nodes,
             config.search_space,
             seed=config.seed,
+            partial_channels=config.partial_channels,
         )
         build_network(network, config.image_size)
         trainer = SearchTrainer(
@@ -202,10 +198,10 @@ def _restore(run_dir, saved, network):
         print(f"Resuming from {entry['path']} (after {at}).", flush=True)
     for name in (runs.METRICS, runs.GENOTYPES):
         run_dir.truncate_jsonl(name, lambda record: record["epoch"] <= done)
-    history = {"normal": [], "reduce": []}
+    history = {kind: [] for kind in network.arch_weights()}
     if run_dir.file(runs.ALPHAS).exists():
         stored = read_alphas(run_dir.file(runs.ALPHAS))
-        history = {kind: stored[kind][:done] for kind in ("normal", "reduce")}
+        history = {kind: stored[kind][:done] for kind in history}
         write_alphas(run_dir.file(runs.ALPHAS), history, network.primitives)
     return done, step, history
 
