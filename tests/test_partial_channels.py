@@ -59,7 +59,10 @@ def _network(partial_channels, steps=2):
 
 
 def test_edge_betas_are_architecture_variables_only_with_partial_channels():
-    assert len(_network(1).arch_parameters()) == 2
+    darts = _network(1)
+    assert len(darts.arch_parameters()) == 2
+    assert sorted(darts.arch_weights()) == ["normal", "reduce"]
+    assert darts.genotype() == darts.genotype()  # derivation runs without edge weights
     network = _network(2)
     betas = network.arch_parameters()[2:]
     assert [tuple(b.shape) for b in betas] == [(5,), (5,)]

@@ -444,6 +444,8 @@ class SearchNetwork(keras.Model):
             "normal": _softmax(self._alphas_normal),
             "reduce": _softmax(self._alphas_reduce),
         }
+        if not self._betas:  # DARTS' edges (partial_channels=1)
+            return weights
         for kind, betas in zip(("normal", "reduce"), self._betas, strict=True):
             values = np.asarray(keras.ops.convert_to_numpy(betas), np.float64)
             weights[f"{kind}_edges"] = _node_softmax_numpy(values, self.steps)
