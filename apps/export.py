@@ -11,15 +11,17 @@ The exported models take raw RGB pixels (0..255) and normalise inside with the s
 `dataset.json` next to the model (or --mean/--std, or the --dataset's). --dataset supplies the
 calibration images of the int8 formats (train split) and the parity images (test split); without
 it, parity runs on random pixels and the int8 formats cannot be built (the default --formats then
-leave them out). Outputs are listed in pibconv_tf/deploy/export.py and docs/export.md. Float32
-artifacts that differ from Keras fail the export (exit 1).
+leave them out). Outputs are listed in pibconv_tf/deploy/export.py and docs/export.md, among them
+device_report.json/.md (operators with XNNPACK and TFLite Micro status, arena estimate, size,
+latency at --device_report_threads). Float32 artifacts that differ from Keras fail the export
+(exit 1).
 """
 
 from apps import common  # noqa: I001 (first: quiets TensorFlow before it loads)
 
 from absl import flags, logging
 
-from pibconv_tf.deploy import export
+from pibconv_tf.deploy import device_report, export
 from pibconv_tf.deploy import tflite
 from pibconv_tf.errors import UserInputError
 
@@ -69,6 +71,14 @@ _BENCHMARK_THREADS = flags.DEFINE_list("benchmark_threads", ["1", "2"], "LiteRT 
 _BENCHMARK_ROUNDS = flags.DEFINE_integer(
     "benchmark_rounds", 1, "Time all models in turn this often; keep each one's fastest round."
 )
+_DEVICE_REPORT_RUNS = flags.DEFINE_integer(
+    "device_report_runs",
+    50,
+    "Timed LiteRT runs per thread count in device_report.json/.md (0: the report without latency).",
+)
+_DEVICE_REPORT_THREADS = flags.DEFINE_list(
+    "device_report_threads", ["1", "2", "4"], "LiteRT thread counts of the device report."
+)
 
 
 def _floats(flag, values):
@@ -80,15 +90,13 @@ def _floats(flag, values):
         raise UserInputError(f"--{flag} must be numbers, got {','.join(values)}.") from error
 
 
-def _threads(values):
+def _threads(flag, values):
     try:
         threads = tuple(int(v) for v in values)
     except ValueError as error:
-        raise UserInputError(
-            f"--benchmark_threads must be whole numbers, got {','.join(values)}."
-        ) from error
+        raise UserInputError(f"--{flag} must be whole numbers, got {','.join(values)}.") from error
     if not threads or min(threads) < 1:
-        raise UserInputError(f"--benchmark_threads must be >= 1, got {','.join(values)}.")
+        raise UserInputError(f"--{flag} must be >= 1, got {','.join(values)}.")
     return threads
 
 
@@ -121,8 +129,10 @@ def config_from_flags():
         fp32_tolerance=_FP32_TOLERANCE.value,
         benchmark_runs=_BENCHMARK_RUNS.value,
         benchmark_warmup=_BENCHMARK_WARMUP.value,
-        benchmark_threads=_threads(_BENCHMARK_THREADS.value),
+        benchmark_threads=_threads("benchmark_threads", _BENCHMARK_THREADS.value),
         benchmark_rounds=_BENCHMARK_ROUNDS.value,
+        device_report_runs=_DEVICE_REPORT_RUNS.value,
+        device_report_threads=_threads("device_report_threads", _DEVICE_REPORT_THREADS.value),
         overwrite=_SHARED.overwrite.value,
     )
 
@@ -134,6 +144,8 @@ def main(argv):
     config = config_from_flags()
     report = export.export_model(config)
     print(tflite.format_parity(report))
+    if report.get("device_report", {}).get("models"):
+        print(device_report.format_summary(report["device_report"]))
     if "latency" in report:
         print(tflite.format_latency(report["latency"]))
     print(f"Exported {', '.join(config.formats)} to {config.output_dir}")

@@ -3,7 +3,7 @@
 Runs on the edge device with numpy, Pillow and LiteRT only (no TensorFlow):
 
     python run_tflite.py --model=model.tflite --labels=labels.txt --top_k=3 cat.jpg dog.png
-    python run_tflite.py --model=model.tflite --benchmark --runs=200 --json
+    python run_tflite.py --model=model.tflite --benchmark --runs=200 --threads=1,2,4
 
 The model takes raw pixels [1, H, W, 3] (float32 0..255, uint8, or int8 quantized; the
 normalisation is inside the model) and returns logits [1, num_classes] (float32 or
@@ -22,6 +22,18 @@ from ai_edge_litert.interpreter import Interpreter
 from PIL import Image, ImageOps
 
 _TFLITE_IDENTIFIER = b"TFL3"
+# (key, header, width, format) of the latency table: the columns of the latency table in
+# the export's device_report.md (pibconv_tf/deploy/device_report.py, not imported: the
+# runner ships alone; tests/test_edge_runner.py checks that the headers agree).
+LATENCY_COLUMNS = (
+    ("threads", "threads", 8, "d"),
+    ("median_ms", "median ms", 11, ".3f"),
+    ("p90_ms", "p90 ms", 9, ".3f"),
+    ("mean_ms", "mean ms", 9, ".3f"),
+    ("min_ms", "min ms", 9, ".3f"),
+    ("cpu_ms", "CPU ms", 9, ".3f"),
+    ("runs", "runs", 6, "d"),
+)
 
 
 class RunnerError(Exception):
@@ -236,7 +248,9 @@ def benchmark(interpreter, warmup=10, runs=100, images=None):
     """Times `invoke()` at the model's batch size; returns latency statistics in ms.
 
     The input is the first of `images` (uint8 [N, H, W, 3]) or random pixels. Only
-    `invoke()` is timed, not pre- or post-processing.
+    `invoke()` is timed, not pre- or post-processing. `cpu_ms` is the median process CPU
+    time per call (all threads): on a busy device the wall clock includes waiting for a
+    core, the CPU time does not.
     """
     if runs < 1 or warmup < 0:
         raise RunnerError(f"--runs must be >= 1 and --warmup >= 0, got {runs} and {warmup}.")
@@ -249,17 +263,20 @@ def benchmark(interpreter, warmup=10, runs=100, images=None):
     interpreter.set_tensor(details["index"], _quantize_input(pixels, details))
     for _ in range(warmup):
         interpreter.invoke()
-    times_ms = np.empty(runs)
+    times_ms, cpu_ms = np.empty(runs), np.empty(runs)
     for i in range(runs):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         interpreter.invoke()
         times_ms[i] = (time.perf_counter() - start) * 1e3
+        cpu_ms[i] = (time.process_time() - start_cpu) * 1e3
     return {
         "median_ms": float(np.median(times_ms)),
         "p90_ms": float(np.percentile(times_ms, 90)),
         "mean_ms": float(times_ms.mean()),
         "min_ms": float(times_ms.min()),
+        "cpu_ms": float(np.median(cpu_ms)),
         "runs": runs,
+        "batch_size": shape[0],
         "threads": getattr(interpreter, "num_threads", None),
     }
 
@@ -283,7 +300,12 @@ def _parse_args(argv):
     parser.add_argument("--model", required=True, help="the .tflite file")
     parser.add_argument("--labels", help="class names, one a line (default: class indices)")
     parser.add_argument("--top_k", type=int, default=3, help="classes printed per image")
-    parser.add_argument("--threads", type=int, default=None, help="default: CPU cores")
+    parser.add_argument(
+        "--threads",
+        type=_thread_counts,
+        default=None,
+        help="LiteRT threads (default: CPU cores); with --benchmark a comma list, e.g. 1,2,4",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.add_argument("--benchmark", action="store_true", help="time invoke() instead")
     parser.add_argument("--warmup", type=int, default=10, help="untimed benchmark runs")
@@ -291,8 +313,8 @@ def _parse_args(argv):
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error(f"--top_k must be >= 1, got {args.top_k}")
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.threads is not None and len(args.threads) > 1 and not args.benchmark:
+        parser.error(f"--threads takes one value to classify, got {len(args.threads)}")
     if args.runs < 1 or args.warmup < 0:
         parser.error(f"--runs must be >= 1 and --warmup >= 0, got {args.runs} and {args.warmup}")
     if not args.benchmark and not args.images:
@@ -300,13 +322,42 @@ def _parse_args(argv):
     return args
 
 
-def _format_benchmark(record):
-    stats = ", ".join(
-        f"{key} {record[f'{key}_ms']:.4g} ms" for key in ("median", "p90", "mean", "min")
-    )
-    return (
-        f"{record['model']}: {stats} ({record['runs']} runs after {record['warmup']} warm-up, "
-        f"threads={record['threads']})"
+def _thread_counts(text):
+    """`--threads` "4" or "1,2,4" as a tuple of positive integers."""
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be whole numbers, got {text!r}") from None
+    if min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return counts
+
+
+def format_latency(records, name):
+    """Benchmark records as one table, a row per thread count (`LATENCY_COLUMNS`)."""
+    width = max(len(name), 5) + 2
+    lines = [f"{'model':<{width}}" + "".join(f"{h:>{w}}" for _, h, w, _ in LATENCY_COLUMNS)]
+    for record in records:
+        cells = "".join(f"{record[key]:>{w}{spec}}" for key, _, w, spec in LATENCY_COLUMNS)
+        lines.append(f"{name:<{width}}{cells}")
+    return "\n".join(lines)
+
+
+def _benchmark_all(args, pixels):
+    """One benchmark record per `--threads` value, each on its own interpreter."""
+    records = []
+    for threads in args.threads or (default_threads(),):
+        interpreter = load_interpreter(args.model, threads)
+        record = {"model": args.model, "warmup": args.warmup}
+        record.update(benchmark(interpreter, args.warmup, args.runs, pixels))
+        records.append(record)
+    if args.json:
+        print(json.dumps(records[0] if len(records) == 1 else records, indent=2))
+        return
+    print(format_latency(records, os.path.basename(args.model)))
+    print(
+        f"({args.runs} runs after {args.warmup} warm-up at batch {records[0]['batch_size']}; "
+        "invoke() only)"
     )
 
 
@@ -315,12 +366,10 @@ def _run(args):
     check_model_file(args.model)
     images = read_images(args.images)
     labels = load_labels(args.labels) if args.labels and not args.benchmark else None
-    interpreter = load_interpreter(args.model, args.threads)
+    interpreter = load_interpreter(args.model, args.threads[0] if args.threads else None)
     pixels = resize_images(images, *input_size(interpreter))
     if args.benchmark:
-        record = {"model": args.model, "warmup": args.warmup}
-        record.update(benchmark(interpreter, args.warmup, args.runs, pixels))
-        print(json.dumps(record, indent=2) if args.json else _format_benchmark(record))
+        _benchmark_all(args, pixels)
         return
     classes = num_classes(interpreter)
     if labels is None:

@@ -18,6 +18,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from pibconv_tf.deploy import device_report
+
 pytestmark = pytest.mark.filterwarnings("ignore:Statistics for quantized inputs:UserWarning")
 
 RUNNER = Path(__file__).resolve().parents[1] / "edge" / "run_tflite.py"
@@ -284,18 +286,47 @@ def test_benchmark_json(workdir):
     assert record["min_ms"] <= record["mean_ms"]
 
 
+def latency_table(stdout):
+    """{column header: [cells]} of the runner's latency table, and its header line."""
+    lines = stdout.splitlines()
+    headers = [h for _, h, _, _ in device_report.LATENCY_COLUMNS]
+    rows = [line.split() for line in lines[1:] if line and not line.startswith("(")]
+    return {h: [row[1 + i] for row in rows] for i, h in enumerate(headers)}, lines[0]
+
+
 def test_benchmark_text_with_image_and_default_threads(workdir):
     root, _, _ = workdir
     result = run_runner(
         f"--model={root / 'int8.tflite'}", "--benchmark", "--runs=5", root / "red.png"
     )
     assert result.returncode == 0, result.stderr
-    words = result.stdout.replace(",", "").split()
-    median = float(words[words.index("median") + 1])
-    p90 = float(words[words.index("p90") + 1])
-    assert 0 < median <= p90
-    assert "(5 runs after 10 warm-up" in result.stdout
-    assert f"threads={len(os.sched_getaffinity(0))})" in result.stdout
+    table, _ = latency_table(result.stdout)
+    assert table["threads"] == [str(len(os.sched_getaffinity(0)))]
+    assert 0 < float(table["median ms"][0]) <= float(table["p90 ms"][0])
+    assert table["runs"] == ["5"]
+    assert "(5 runs after 10 warm-up at batch 1" in result.stdout
+
+
+def test_benchmark_prints_a_row_per_thread_count_as_the_device_report(workdir):
+    root, _, _ = workdir
+    model = root / "random.tflite"
+    result = run_runner(f"--model={model}", "--benchmark", "--runs=4", "--threads=1,2,4")
+    assert result.returncode == 0, result.stderr
+    table, header = latency_table(result.stdout)
+    assert table["threads"] == ["1", "2", "4"]
+    for median, low in zip(table["median ms"], table["min ms"], strict=True):
+        assert 0 < float(low) <= float(median)
+    # The same columns as the latency table of device_report.md, in the same layout.
+    assert header == device_report.format_latency([], model.name)
+    records = run_json(f"--model={model}", "--benchmark", "--runs=4", "--threads=1,2")
+    assert [r["threads"] for r in records] == [1, 2]
+    assert all(r["runs"] == 4 and r["cpu_ms"] >= 0 for r in records)
+
+
+def test_classifying_takes_one_thread_count(workdir):
+    root, _, _ = workdir
+    result = run_runner(f"--model={root / 'int8.tflite'}", "--threads=1,2", root / "red.png")
+    assert result.returncode == 1 and "--threads takes one value to classify" in result.stderr
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,8 @@ statistics, so a device feeds camera pixels as they are; they return `logits` an
     labels.txt                one class name per line
     metadata.json             genotype, size, normalisation, classes, files, versions
     parity.json               each artifact against Keras on the same images
+    device_report.json, .md   per TFLite model: operators with their XNNPACK and TFLite
+                              Micro status, arena estimate, size, 1/2/4-thread latency
     config.json               the resolved export configuration
 
 Example:
@@ -39,7 +41,7 @@ from absl import logging
 
 import pibconv_tf
 from pibconv_tf import data, runs
-from pibconv_tf.deploy import microcontroller, tflite
+from pibconv_tf.deploy import device_report, microcontroller, tflite
 from pibconv_tf.errors import RunError, UserInputError
 from pibconv_tf.model import networks, pib_conv, saving
 from pibconv_tf.model.cells import Cell
@@ -63,6 +65,7 @@ _MINIMUMS = {
     "benchmark_runs": 0,
     "benchmark_warmup": 0,
     "benchmark_rounds": 1,
+    "device_report_runs": 0,
 }
 _CHOICES = {
     "int8_io_type": tflite.INT8_IO_TYPES,
@@ -99,6 +102,9 @@ class ExportConfig:
         benchmark_threads: LiteRT thread counts to time.
         benchmark_rounds: time the models in turn this many times and keep each one's
             fastest round (robust to a shared machine's varying load).
+        device_report_runs: timed runs per thread count of the latency table in
+            `device_report.json` / `.md` (0: the report without latency).
+        device_report_threads: LiteRT thread counts of that table.
         overwrite: replace a non-empty `output_dir`.
     """
 
@@ -123,6 +129,8 @@ class ExportConfig:
     benchmark_warmup: int = 10
     benchmark_threads: tuple[int, ...] = (1, 2)
     benchmark_rounds: int = 1
+    device_report_runs: int = 50
+    device_report_threads: tuple[int, ...] = device_report.DEFAULT_THREADS
     overwrite: bool = False
 
     def validate(self):
@@ -144,6 +152,10 @@ class ExportConfig:
                     f"--{name} {getattr(self, name)!r} is unknown; accepted are "
                     f"{', '.join(accepted)}."
                 )
+        for name in ("benchmark_threads", "device_report_threads"):
+            threads = getattr(self, name)
+            if not threads or min(threads) < 1:
+                raise UserInputError(f"--{name} must be >= 1, got {list(threads)}.")
         if not self.fp32_tolerance > 0:
             raise UserInputError(f"--fp32_tolerance must be > 0, got {self.fp32_tolerance}.")
         calibrated = [f for f in self.formats if f in CALIBRATED]
@@ -377,8 +389,9 @@ def export_model(config):
     """Writes the artifacts of `config.formats`, the labels, metadata and parity report.
 
     Returns:
-        The parity report (also `parity.json`), with the `benchmark_artifacts` rows under
-        "latency" when `config.benchmark_runs` > 0.
+        The parity report (also `parity.json`), with the `device_report` under
+        "device_report", and the `benchmark_artifacts` rows under "latency" when
+        `config.benchmark_runs` > 0.
 
     Raises:
         UserInputError: bad config, model, dataset or output directory, before any file
@@ -420,9 +433,22 @@ def export_model(config):
     except RunError:
         logging.error("Parity:\n%s", tflite.format_parity(report))
         raise
+    report["device_report"] = write_device_report(config, artifacts, output_dir)
     if config.benchmark_runs:
         report["latency"] = benchmark_artifacts(config, model, artifacts, output_dir)
     return report
+
+
+def write_device_report(config, artifacts, output_dir):
+    """`device_report.device_report` of every TFLite artifact, into `output_dir`."""
+    paths = {
+        fmt: output_dir / artifact["path"]
+        for fmt, artifact in artifacts.items()
+        if fmt in tflite.TFLITE_FORMATS
+    }
+    return device_report.device_report(
+        paths, output_dir, config.device_report_threads, config.device_report_runs
+    )
 
 
 def benchmark_artifacts(config, model, artifacts, output_dir):

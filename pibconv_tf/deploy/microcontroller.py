@@ -25,23 +25,63 @@ HEADER = "model_data.h"
 SYMBOL = "g_model_data"
 _BYTES_PER_LINE = 12
 
+# The builtin operators TensorFlow Lite Micro registers: the `Add*` methods of
+# `tflite::MicroMutableOpResolver` in tensorflow/lite/micro/micro_mutable_op_resolver.h, the
+# 2025 revision (TFLMRegistration API), read in 2026. Custom ops (the signal library's
+# Signal*, CIRCULAR_BUFFER, ETHOSU, TFLite_Detection_PostProcess) are left out. GELU is not
+# among them: porting it is an open request (tensorflow/tflite-micro issue #3218, open in
+# January 2026). The one copy of the table (deploy/device_report.py reads it).
+TFLM_BUILTIN_OPS = frozenset(
+    """
+    ABS ADD ADD_N ARG_MAX ARG_MIN ASSIGN_VARIABLE AVERAGE_POOL_2D BATCH_MATMUL BATCH_TO_SPACE_ND
+    BROADCAST_ARGS BROADCAST_TO CALL_ONCE CAST CEIL CONCATENATION CONV_2D COS CUMSUM
+    DEPTH_TO_SPACE DEPTHWISE_CONV_2D DEQUANTIZE DIV ELU EMBEDDING_LOOKUP EQUAL EXP EXPAND_DIMS
+    FILL FLOOR FLOOR_DIV FLOOR_MOD FULLY_CONNECTED GATHER GATHER_ND GREATER GREATER_EQUAL
+    HARD_SWISH IF L2_NORMALIZATION L2_POOL_2D LEAKY_RELU LESS LESS_EQUAL LOG LOGICAL_AND
+    LOGICAL_NOT LOGICAL_OR LOGISTIC LOG_SOFTMAX MAXIMUM MAX_POOL_2D MEAN MINIMUM MIRROR_PAD MUL
+    NEG NOT_EQUAL PACK PAD PADV2 PRELU QUANTIZE READ_VARIABLE REDUCE_MAX REDUCE_MIN RELU RELU6
+    RESHAPE RESIZE_BILINEAR RESIZE_NEAREST_NEIGHBOR REVERSE_V2 ROUND RSQRT SELECT_V2 SHAPE SIN
+    SLICE SOFTMAX SPACE_TO_BATCH_ND SPACE_TO_DEPTH SPLIT SPLIT_V SQRT SQUARE SQUARED_DIFFERENCE
+    SQUEEZE STRIDED_SLICE SUB SUM SVDF TANH TRANSPOSE TRANSPOSE_CONV
+    UNIDIRECTIONAL_SEQUENCE_LSTM UNPACK VAR_HANDLE WHILE ZEROS_LIKE
+    """.split()  # noqa: SIM905 (a table to read, not a list to edit)
+)
+# Resolver methods that do not follow the CamelCase rule of `resolver_method`.
+_IRREGULAR_METHODS = {
+    "BATCH_MATMUL": "AddBatchMatMul",
+    "CUMSUM": "AddCumSum",
+    "PADV2": "AddPadV2",
+    "UNIDIRECTIONAL_SEQUENCE_LSTM": "AddUnidirectionalSequenceLSTM",
+}
+
 
 def resolver_method(op_name):
     """The `MicroMutableOpResolver` method that registers a TFLite builtin operator, e.g.
-    CONV_2D -> AddConv2D, DEPTHWISE_CONV_2D -> AddDepthwiseConv2D, MEAN -> AddMean."""
+    CONV_2D -> AddConv2D, DEPTHWISE_CONV_2D -> AddDepthwiseConv2D, PADV2 -> AddPadV2."""
+    if op_name in _IRREGULAR_METHODS:
+        return _IRREGULAR_METHODS[op_name]
     parts = op_name.split("_")
     return "Add" + "".join(p if p[:1].isdigit() else p.capitalize() for p in parts)
+
+
+def tflm_missing(op_names):
+    """The operators of `op_names` that TensorFlow Lite Micro has no kernel for, sorted."""
+    return sorted({name for name in op_names if name not in TFLM_BUILTIN_OPS})
 
 
 def c_sources(content, op_names, source_name):
     """(header text, source text) of the model bytes `content` using `op_names`."""
     methods = sorted({resolver_method(name) for name in op_names})
     registered = " \\\n".join(f"  (resolver).{method}();" for method in methods)
+    missing = tflm_missing(op_names)
+    if missing:
+        missing = [f"// No TensorFlow Lite Micro kernel (device_report.md): {', '.join(missing)}."]
     header = "\n".join(
         [
             f"// The int8 TFLite model {source_name} ({len(content)} bytes), written by",
             "// pibconv_tf (apps.export --formats=tflite_int8_c).",
             f"// Operators ({len(methods)}): {', '.join(sorted(set(op_names)))}.",
+            *missing,
             "#ifndef PIBCONV_MODEL_DATA_H_",
             "#define PIBCONV_MODEL_DATA_H_",
             "",
