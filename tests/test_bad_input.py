@@ -5,13 +5,12 @@ import os
 import pathlib
 import re
 import shlex
-import subprocess
-import sys
 
 import pytest
 
 from pibconv_tf.train import config as train_config
 from pibconv_tf.train import run as training
+from tests import app_process
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TABLE = REPO / "docs" / "bad_input.md"
@@ -93,14 +92,7 @@ def test_bad_input(places, tmp_path, app, arguments, environment, message, statu
     if environment:
         name, value = environment.split("=", 1)
         env[name] = value
-    result = subprocess.run(
-        [sys.executable, "-m", app, *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    result = app_process.run_app(app, *args, env=env, timeout=300)
     assert result.returncode == status, result.stderr[-2000:]
     assert message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr

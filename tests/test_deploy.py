@@ -23,6 +23,7 @@ from pibconv_tf.deploy import export, microcontroller, tflite
 from pibconv_tf.errors import RunError, UserInputError
 from pibconv_tf.model import genotypes, networks, pib_conv
 from pibconv_tf.model import operations as ops
+from tests import app_process
 
 pytestmark = pytest.mark.filterwarnings("ignore:Statistics for quantized inputs:UserWarning")
 
@@ -355,7 +356,7 @@ def app_command(*args):
 
 
 def run_app(*args):
-    return subprocess.run(app_command(*args), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return app_process.run_app("apps.export", *map(str, args))
 
 
 @pytest.mark.slow

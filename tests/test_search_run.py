@@ -18,6 +18,7 @@ from pibconv_tf.errors import RunError, UserInputError
 from pibconv_tf.model.genotypes import Genotype
 from pibconv_tf.search.config import SearchConfig
 from pibconv_tf.search.run import run_search
+from tests import app_process
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = {
@@ -162,13 +163,7 @@ def test_config_validation_names_the_setting(setting, value, message):
 
 
 def run_app(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "apps.search", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return app_process.run_app("apps.search", *args)
 
 
 APP_TINY = [

@@ -26,6 +26,7 @@ from pibconv_tf.train import callbacks as train_callbacks
 from pibconv_tf.train import config as train_config
 from pibconv_tf.train import run as training
 from pibconv_tf.train import trainer as trainer_lib
+from tests import app_process
 from tests.test_case import TestCase
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,14 +41,7 @@ POOLS = genotypes.Genotype(
 
 def run_app(app, *args):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.run(
-        [sys.executable, "-m", f"apps.{app}", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    return app_process.run_app(f"apps.{app}", *args, env=env)
 
 
 def temp_dir(test):
