@@ -324,6 +324,36 @@ class SyncState(keras.callbacks.Callback):
         sync_state(self.model)
 
 
+class FirstStep(keras.callbacks.Callback):
+    """Says, before the first batch, that the step is being traced and compiled (minutes for
+    a search network on a CPU, with no other output meanwhile), and how long it took.
+
+    Args:
+        what: the step, e.g. "search step (first order)".
+        enabled: print at all (the apps' verbosity).
+    """
+
+    def __init__(self, what, enabled=True):
+        super().__init__()
+        self.what = what
+        self.enabled = enabled
+        self._start = None
+
+    def on_train_begin(self, logs=None):
+        if self.enabled and self._start is None:
+            self._start = time.perf_counter()
+            print(
+                f"Tracing and compiling the {self.what}; the first batch waits for it.",
+                flush=True,
+            )
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._start is not None and self.enabled:
+            seconds = time.perf_counter() - self._start
+            print(f"First batch done {seconds:.1f} s after the start.", flush=True)
+            self.enabled = False
+
+
 class EpochLogger(keras.callbacks.Callback):
     """Appends {"epoch", "seconds", **logs, **extra()} to `metrics.jsonl` after each epoch.
 

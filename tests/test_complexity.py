@@ -1,13 +1,12 @@
 """Complexity counts: the paper's Table 1 GMACs within 4%, exact small cases, the app."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from pibconv_tf.model import complexity, networks, operations
 from pibconv_tf.model import genotypes as G
+from tests import app_process
 
 TABLE_1_GMACS = {
     "DARTS_V2": {
@@ -92,23 +91,16 @@ def test_pib_conv_macs_by_hand():
 
 
 def test_app_json_output_and_bad_input():
-    command = [
-        sys.executable,
-        "-m",
-        "apps.complexity",
-        "--genotype=PIBCONV",
-        "--layers=2,3",
-        "--init_channels=36",
-        "--format=json",
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    command = ["--genotype=PIBCONV", "--layers=2,3", "--init_channels=36", "--format=json"]
+    result = app_process.run_app("apps.complexity", *command)
+    assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
     assert [(r["genotype"], r["layers"], r["params"]) for r in rows] == [
         ("PIBCONV", 2, 376534),
         ("PIBCONV", 3, 433414),
     ]
     assert all(isinstance(r["gmacs"], float) for r in rows)
-    bad = subprocess.run(command[:3] + ["--layers=two"], capture_output=True, text=True)
+    bad = app_process.run_app("apps.complexity", "--genotype=PIBCONV", "--layers=two")
     assert bad.returncode == 1
     assert "error: --layers must be whole numbers" in bad.stderr
     assert "Traceback" not in bad.stderr

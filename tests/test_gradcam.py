@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -17,6 +15,7 @@ from pibconv_tf.errors import UserInputError
 from pibconv_tf.insight import gradcam
 from pibconv_tf.model import genotypes as G
 from pibconv_tf.model import networks
+from tests import app_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE, SQUARE = 32, 8
@@ -197,26 +196,9 @@ def test_images_of_other_classes_than_the_models_are_flagged(tmp_path, caplog):
 
 
 def _apps(*commands):
-    """Runs apps.gradcam once per argument list, concurrently; returns CompletedProcesses."""
+    """Runs apps.gradcam once per argument list; returns CompletedProcesses."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-m", "apps.gradcam", *args],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for args in commands
-    ]
-    results = []
-    for process in processes:
-        stdout, stderr = process.communicate(timeout=300)
-        results.append(
-            subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-        )
-    return results
+    return [app_process.run_app("apps.gradcam", *args, env=env, timeout=300) for args in commands]
 
 
 @pytest.mark.slow

@@ -4,8 +4,6 @@ import collections
 import csv
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,6 +16,7 @@ from pibconv_tf.errors import UserInputError
 from pibconv_tf.insight import plots
 from pibconv_tf.model import genotypes as G
 from pibconv_tf.model import search_spaces
+from tests import app_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRIMITIVES = list(search_spaces.get_search_space("pibconv").primitives)
@@ -194,26 +193,9 @@ def test_config_refuses_bad_requests(search_dir, tmp_path):
 
 
 def _apps(*commands):
-    """Runs apps.plot once per argument list, concurrently."""
+    """Runs apps.plot once per argument list; returns CompletedProcesses."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-m", "apps.plot", *args],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for args in commands
-    ]
-    results = []
-    for process in processes:
-        stdout, stderr = process.communicate(timeout=300)
-        results.append(
-            subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-        )
-    return results
+    return [app_process.run_app("apps.plot", *args, env=env, timeout=300) for args in commands]
 
 
 def _picture(path):

@@ -179,3 +179,28 @@ def test_atomic_files_have_the_usual_permissions(tmp_path):
     os.umask(mask)
     for name in ("a.json", "b.npz"):
         assert (os.stat(tmp_path / name).st_mode & 0o777) == 0o666 & ~mask
+
+
+def test_first_step_says_it_traces_before_the_first_batch_and_once_how_long(capsys):
+    import keras  # noqa: PLC0415
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss="mse")
+    seen = []
+
+    class Batches(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            seen.append(capsys.readouterr().out)
+
+    first = runs.FirstStep("search step (first order)")
+    x, y = np.zeros((8, 3), np.float32), np.zeros((8, 2), np.float32)
+    model.fit(x, y, batch_size=2, epochs=2, verbose=0, callbacks=[first, Batches()])
+    model.fit(x, y, batch_size=2, epochs=1, verbose=0, callbacks=[first])  # a resumed run's
+    assert seen[0] == (
+        "Tracing and compiling the search step (first order); the first batch waits for it.\n"
+    )
+    assert seen[1].startswith("First batch done ") and seen[1].endswith(" s after the start.\n")
+    assert "".join(seen[2:]) + capsys.readouterr().out == ""
+    quiet = runs.FirstStep("training step", enabled=False)
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[quiet])
+    assert capsys.readouterr().out == ""

@@ -305,7 +305,9 @@ def _search(config, run_dir, strategy, dataset, steps_per_epoch, info):
     stop = runs.StopOnNonFinite()
     interrupt = runs.Interrupt(saved, first_step=step)
     architecture = ArchitectureLogger(run_dir, network, history, config.max_skip, config.early_stop)
+    order = "second order" if config.unrolled else "first order"
     callbacks = [
+        runs.FirstStep(f"search step ({order})", bool(config.verbose)),
         runs.SyncState(),
         interrupt,
         optim.EpochLearningRate(schedule),
@@ -317,7 +319,7 @@ def _search(config, run_dir, strategy, dataset, steps_per_epoch, info):
     ]
     if config.beta_regularization:
         callbacks.insert(
-            3, regularization.BetaDecaySchedule(config.beta_regularization, config.epochs)
+            4, regularization.BetaDecaySchedule(config.beta_regularization, config.epochs)
         )
     # One endless stream; a resumed run skips the batches it has done.
     stream = dataset.repeat().skip(done * steps_per_epoch + step)

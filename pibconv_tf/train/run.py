@@ -105,6 +105,7 @@ def _train(config, run_dir, strategy, genotype, source, extra_callbacks):
         stopper = runs.StopOnNonFinite()
         interrupt = runs.Interrupt(saved, first_step=step)
         callbacks = [
+            runs.FirstStep("training step", bool(config.verbose)),
             runs.SyncState(),
             interrupt,
             EpochSchedule(
@@ -126,7 +127,7 @@ def _train(config, run_dir, strategy, genotype, source, extra_callbacks):
             *extra_callbacks,
         ]
         if config.verbose:
-            callbacks.insert(5, ProgressLine(config.epochs))
+            callbacks.insert(6, ProgressLine(config.epochs))
         steps = steps_per_epoch(source, config)
         fit = dict(shuffle=False, verbose=1 if config.verbose == 1 else 0)  # the data shuffles
         if step and start < config.epochs:  # the rest of an interrupted epoch first
