@@ -16,6 +16,7 @@ from pibconv_tf.model.search_network import (
 )
 from pibconv_tf.search.config import SearchConfig
 from pibconv_tf.search.run import read_alphas, run_search
+from tests.test_search_run import TINY
 
 
 def _images(shape, seed=0):
@@ -97,21 +98,7 @@ def test_the_genotype_weighs_the_alphas_by_the_edge_weights():
 
 
 def test_a_partial_channel_search_records_its_edge_weights_and_resumes(tmp_path):
-    config = {
-        "dataset": "digits",
-        "image_size": 8,
-        "search_space": "darts",
-        "init_channels": 4,
-        "layers": 3,
-        "nodes": 1,
-        "epochs": 2,
-        "batch_size": 8,
-        "steps_per_epoch": 2,
-        "run_eagerly": True,
-        "verbose": 0,
-        "partial_channels": 2,
-        "model_dir": str(tmp_path / "pc"),
-    }
+    config = {**TINY, "partial_channels": 2, "model_dir": str(tmp_path / "pc")}
     run_search({**config, "stop_after_epoch": 1})
     genotype = run_search({**config, "resume": True})
     history = read_alphas(tmp_path / "pc" / "alphas.npz")
