@@ -60,3 +60,24 @@ def test_the_search_step_adds_lambda_softmax_over_rows_to_the_alpha_gradient():
     for a0, p, r in zip(start, plain, regularized, strict=True):
         softmax = np.exp(a0) / np.exp(a0).sum(-1, keepdims=True)
         np.testing.assert_allclose(p - r, 4.0 * softmax / rows, rtol=1e-4, atol=1e-7)
+
+
+def test_partial_channels_edge_betas_are_not_regularised():
+    rng = np.random.default_rng(0)
+    alphas = [
+        rng.normal(size=(3, 4)).astype(np.float32),
+        rng.normal(size=(2, 4)).astype(np.float32),
+    ]
+    betas = [rng.normal(size=(3,)).astype(np.float32), rng.normal(size=(2,)).astype(np.float32)]
+    grads = [np.ones_like(v) for v in alphas + betas]
+    out = regularization.add_beta_decay(grads, alphas + betas, 5.0)
+    for grad, alpha in zip(out[:2], alphas, strict=True):
+        softmax = np.exp(alpha) / np.exp(alpha).sum(-1, keepdims=True)
+        np.testing.assert_allclose(grad, 1.0 + 5.0 * softmax / 5, rtol=1e-6)  # 5 alpha rows
+    for grad in out[2:]:
+        np.testing.assert_array_equal(grad, 1.0)
+    np.testing.assert_allclose(
+        regularization.beta_decay_loss(alphas + betas),
+        regularization.beta_decay_loss(alphas),
+        rtol=1e-6,
+    )

@@ -28,9 +28,14 @@ import keras
 from keras import ops
 
 
+def _is_alpha(variable):
+    """An alpha matrix [num_edges, num_ops], not one of PC-DARTS' edge betas [num_edges]."""
+    return len(variable.shape) == 2
+
+
 def beta_decay_loss(alphas):
     """L_beta of the alpha matrices `alphas` ([num_edges, num_ops] each)."""
-    rows = [ops.logsumexp(ops.cast(a, "float32"), axis=-1) for a in alphas if len(a.shape) == 2]
+    rows = [ops.logsumexp(ops.cast(a, "float32"), axis=-1) for a in alphas if _is_alpha(a)]
     return ops.mean(ops.concatenate(rows, axis=0))
 
 
@@ -40,11 +45,11 @@ def add_beta_decay(alpha_grads, alphas, coefficient):
     Only the alpha matrices (rank 2) are regularised: PC-DARTS' edge betas (rank 1), which
     may follow them in the architecture parameters, keep their gradients.
     """
-    rows = sum(int(a.shape[0]) for a in alphas if len(a.shape) == 2)
+    rows = sum(int(a.shape[0]) for a in alphas if _is_alpha(a))
     scale = ops.cast(coefficient, "float32") / float(rows)
     return [
         g + ops.cast(scale * ops.softmax(ops.cast(a, "float32"), axis=-1), g.dtype)
-        if len(a.shape) == 2
+        if _is_alpha(a)
         else g
         for g, a in zip(alpha_grads, alphas, strict=True)
     ]

@@ -306,21 +306,19 @@ def _search(config, run_dir, strategy, dataset, steps_per_epoch, info):
     interrupt = runs.Interrupt(saved, first_step=step)
     architecture = ArchitectureLogger(run_dir, network, history, config.max_skip, config.early_stop)
     order = "second order" if config.unrolled else "first order"
+    beta = config.beta_regularization
     callbacks = [
         runs.FirstStep(f"search step ({order})", bool(config.verbose)),
         runs.SyncState(),
         interrupt,
         optim.EpochLearningRate(schedule),
+        *([regularization.BetaDecaySchedule(beta, config.epochs)] if beta else []),
         stop,
         runs.EpochLogger(run_dir, extra=lambda e: _epoch_settings(config, schedule, e)),
         architecture,
         EpochTensorBoard(str(run_dir.file(runs.TENSORBOARD))),
         runs.EpochCheckpoint(saved),  # last: records first, then the state
     ]
-    if config.beta_regularization:
-        callbacks.insert(
-            4, regularization.BetaDecaySchedule(config.beta_regularization, config.epochs)
-        )
     # One endless stream; a resumed run skips the batches it has done.
     stream = dataset.repeat().skip(done * steps_per_epoch + step)
     fit = dict(shuffle=False, verbose=config.verbose)  # the pipeline shuffles

@@ -120,14 +120,13 @@ def _train(config, run_dir, strategy, genotype, source, extra_callbacks):
                 config.batch_size,
             ),
             BestModelSaver(export, run_dir, _read_json(run_dir, runs.BEST)),
+            *([ProgressLine(config.epochs)] if config.verbose else []),
             runs.EpochLogger(run_dir),
             ScalarSummaries(run_dir.file(runs.TENSORBOARD)),
             runs.EpochCheckpoint(saved),
             stopper,
             *extra_callbacks,
         ]
-        if config.verbose:
-            callbacks.insert(6, ProgressLine(config.epochs))
         steps = steps_per_epoch(source, config)
         fit = dict(shuffle=False, verbose=1 if config.verbose == 1 else 0)  # the data shuffles
         if step and start < config.epochs:  # the rest of an interrupted epoch first
