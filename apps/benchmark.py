@@ -73,6 +73,12 @@ _SEARCH_NODES = flags.DEFINE_integer("search_nodes", 4, "Intermediate nodes per 
 _SEARCH_PARTIAL_CHANNELS = flags.DEFINE_integer(
     "search_partial_channels", 1, "K of PC-DARTS' partial channels in search_step (1: DARTS)."
 )
+_SEARCH_INLINE_TRACES = flags.DEFINE_bool(
+    "search_inline_traces",
+    True,
+    "Inline the shared mixed-operation traces into the search step's graph (False: function "
+    "calls, a faster first step and less memory, slower steps).",
+)
 _ORDER = flags.DEFINE_list("order", list(harness.ORDERS), "Architecture-gradient orders.")
 _INFERENCE_BATCH_SIZES = flags.DEFINE_list(
     "inference_batch_sizes", ["1", "256"], "Batch sizes of Keras and SavedModel inference."
@@ -150,6 +156,7 @@ def config_from_flags():
         search_space=_SEARCH_SPACE.value,
         search_nodes=_SEARCH_NODES.value,
         search_partial_channels=_SEARCH_PARTIAL_CHANNELS.value,
+        search_inline_traces=_SEARCH_INLINE_TRACES.value,
         order=tuple(_ORDER.value),
         search_jit_compile=_SHARED.jit_compile.value if _SHARED.jit_compile.present else False,
         inference_batch_sizes=_integers(_INFERENCE_BATCH_SIZES),

@@ -98,6 +98,7 @@ class BenchmarkConfig:
             order: the search network (nodes per cell) and the architecture-gradient orders
             of search_step.
         search_partial_channels: K of PC-DARTS' partial channels in search_step (1: DARTS).
+        search_inline_traces: inline the shared traces into the search step's graph.
         search_jit_compile: compile the search step with XLA.
         inference_batch_sizes, inference_modes: Keras / SavedModel inference.
         tflite_formats, tflite_threads: TFLite artifacts (batch 1) and LiteRT thread counts.
@@ -141,6 +142,7 @@ class BenchmarkConfig:
     search_space: str = "pibconv"
     search_nodes: int = 4
     search_partial_channels: int = 1
+    search_inline_traces: bool = True
     order: tuple[str, ...] = ORDERS
     search_jit_compile: bool = False
     inference_batch_sizes: tuple[int, ...] = (1, 256)
@@ -296,6 +298,7 @@ def _search_params(config):
         "search_space": config.search_space,
         "nodes": config.search_nodes,
         "partial_channels": config.search_partial_channels,
+        "inline_traces": config.search_inline_traces,
         "image_size": config.image_size,
         "implementation": config.implementation,
         "jit_compile": config.search_jit_compile or config.backend == "jax",

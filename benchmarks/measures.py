@@ -67,6 +67,7 @@ def search_step(spec):
         image_size=p["image_size"],
         implementation=p["implementation"],
         seed=p["seed"],
+        inline_traces=p.get("inline_traces", True),
         partial_channels=p.get("partial_channels", 1),
     )
     return [_step_record("search_step", p, stats, trace_seconds=stats["trace_seconds"])]

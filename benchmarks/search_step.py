@@ -33,6 +33,7 @@ def benchmark_search_step(
     image_size=32,
     implementation="depthwise",
     share_traces=True,
+    inline_traces=True,
     graph_optimizer=None,
     seed=0,
     partial_channels=1,
@@ -55,6 +56,7 @@ def benchmark_search_step(
         image_size: H = W of the random images.
         implementation: PIBConv's grouped convolution, "depthwise" or "grouped".
         share_traces: trace each mixed-operation configuration once (`SharedTraces`).
+        inline_traces: inline those traces into the step's graph (False: function calls).
         graph_optimizer: None keeps the process' setting; "auto", "on" or "off" sets it
             (`distribute.configure_graph_optimizer`, process-wide).
         seed: random seed.
@@ -80,7 +82,9 @@ def benchmark_search_step(
     )
     build_network(network, image_size)
     pib_conv_lib.set_implementation(network, implementation)
-    trainer = SearchTrainer(network, order=order, share_traces=share_traces)
+    trainer = SearchTrainer(
+        network, order=order, share_traces=share_traces, inline_traces=inline_traces
+    )
     schedule = optim.EpochCosineDecay(0.0025, 50, 1000, 0.001)
     trainer.compile(
         optim.TorchSGD(schedule, 0.9, coupled_weight_decay=3e-4),
@@ -120,6 +124,7 @@ def benchmark_search_step(
         "implementation": implementation,
         "jit_compile": jit_compile,
         "share_traces": share_traces,
+        "inline_traces": inline_traces,
         "graph_optimizer": not tf.config.optimizer.get_experimental_options().get(
             "disable_meta_optimizer", False
         ),

@@ -141,7 +141,8 @@ def test_alphas_stay_float32_under_mixed_precision():
     assert np.isfinite(keras.ops.convert_to_numpy(keras.ops.cast(logits, "float32"))).all()
 
 
-def test_shared_traces_compute_what_the_layers_compute():
+@pytest.mark.parametrize("inline", [True, False], ids=["inlined", "noinline"])
+def test_shared_traces_compute_what_the_layers_compute(inline):
     import tensorflow as tf  # the executor is TensorFlow's; the model code is not
 
     from pibconv_tf.search.shared_trace import SharedTraces
@@ -160,19 +161,26 @@ def test_shared_traces_compute_what_the_layers_compute():
     start = [v.numpy().copy() for v in statistics]
     sources = [v.value for v in net.trainable_variables]
 
-    def run(executor):
-        for variable, value in zip(statistics, start, strict=True):
-            variable.assign(value)
-        assert network_lib.set_op_executor(net, executor) == 15  # 3 cells x 5 edges
+    def forward_backward():
         with tf.GradientTape() as tape:
             logits = net(x, training=True)
             loss = tf.reduce_sum(tf.square(logits))
-        grads = tape.gradient(loss, sources)
+        return logits, tape.gradient(loss, sources)
+
+    def run(executor, step):
+        for variable, value in zip(statistics, start, strict=True):
+            variable.assign(value)
+        assert network_lib.set_op_executor(net, executor) == 15  # 3 cells x 5 edges
+        logits, grads = step()
         return logits.numpy(), [g.numpy() for g in grads], [v.numpy() for v in statistics]
 
-    plain = run(None)
-    executor = SharedTraces()
-    shared = run(executor)
+    plain = run(None, forward_backward)
+    executor = SharedTraces(inline=inline)
+    # Inside a tf.function, where TensorFlow inlines the nested calls unless told not to.
+    shared = run(executor, tf.function(forward_backward))
+    for function in executor._functions.values():
+        (concrete,) = function._list_all_concrete_functions()
+        assert concrete.function_def.attr["_noinline"].b is (not inline)
     # 15 edges, 5 configurations: C=4 stride 1 (8x8); C=8 stride 2 (8x8) and 1 (4x4);
     # C=16 stride 2 (4x4) and 1 (2x2).
     assert executor.num_functions == 5

@@ -32,6 +32,7 @@ class SearchConfig:
     seed: int = 0
     strategy: str = "auto"
     sync_batch_norm: bool = False
+    inline_traces: bool = True
     resume: bool = False
     overwrite: bool = False
     mixed_precision: str | None = None
@@ -63,7 +64,15 @@ class SearchConfig:
 
     # Settings that may differ between a run and its resumption.
     RESUME_MAY_CHANGE = frozenset(
-        {"resume", "overwrite", "stop_after_epoch", "verbose", "run_eagerly", "data_dir"}
+        {
+            "resume",
+            "overwrite",
+            "stop_after_epoch",
+            "verbose",
+            "run_eagerly",
+            "data_dir",
+            "inline_traces",
+        }
     )
 
     @classmethod

@@ -28,6 +28,9 @@ class SearchTrainer(keras.Model):
         grad_clip: global norm the weight gradient is clipped to (5 in DARTS).
         share_traces: trace each mixed-operation configuration once (`SharedTraces`) instead
             of every edge: same numbers, a much smaller graph.
+        inline_traces: let TensorFlow inline the shared traces into the step's graph
+            (fastest steps); False runs them as function calls: a first step in seconds
+            rather than minutes and less memory, slower steps (`shared_trace`).
         loss_scaling: scale the losses dynamically (`DynamicLossScale`); None turns it on
             under the mixed_float16 policy (TensorFlow only).
         hessian: the second order's Hessian-vector product: "finite_difference" (DARTS'
@@ -60,6 +63,7 @@ class SearchTrainer(keras.Model):
         order="first",
         grad_clip=5.0,
         share_traces=True,
+        inline_traces=True,
         loss_scaling=None,
         hessian="finite_difference",
         beta_regularization=None,
@@ -85,7 +89,7 @@ class SearchTrainer(keras.Model):
         if tensorflow:
             from pibconv_tf.search.shared_trace import SharedTraces  # noqa: PLC0415
 
-            set_op_executor(network, SharedTraces() if share_traces else None)
+            set_op_executor(network, SharedTraces(inline_traces) if share_traces else None)
         if loss_scaling is None:
             loss_scaling = keras.mixed_precision.global_policy().name == "mixed_float16"
         self.loss_scale = None
