@@ -162,6 +162,14 @@ def test_config_validation_names_the_setting(setting, value, message):
         SearchConfig.from_dict({**TINY, "model_dir": "unused", setting: value}).validate()
 
 
+def test_noinline_traces_with_sync_batch_norm_is_refused():
+    # Synchronized BatchNorm traces edges one by one: there are no shared traces to call.
+    values = {**TINY, "model_dir": "unused", "sync_batch_norm": True, "inline_traces": False}
+    with pytest.raises(ValueError, match="--noinline_traces has no effect with --sync_batch"):
+        SearchConfig.from_dict(values).validate()
+    SearchConfig.from_dict({**values, "inline_traces": True}).validate()
+
+
 def run_app(*args):
     return app_process.run_app("apps.search", *args)
 

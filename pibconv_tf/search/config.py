@@ -103,6 +103,11 @@ class SearchConfig:
         _check_int("layers", self.layers, 3, "an integer >= 3 (a normal and two reductions)")
         _check_int("nodes", self.nodes, 1, "an integer >= 1")
         _check_int("partial_channels", self.partial_channels, 1, "an integer >= 1 (1: DARTS)")
+        if self.sync_batch_norm and not self.inline_traces:
+            raise UserInputError(
+                "--noinline_traces has no effect with --sync_batch_norm, whose edges are "
+                "traced one by one instead of through shared traces; drop one of the two."
+            )
         if self.partial_channels > 1 and self.init_channels % (2 * self.partial_channels):
             raise UserInputError(
                 f"--partial_channels={self.partial_channels} needs --init_channels divisible "

@@ -61,7 +61,7 @@ class SharedTraces:
         return len(self._functions)
 
 
-def _shared_function(template, training, inline=True):
+def _shared_function(template, training, inline):
     variables = list(template.weights)
     statistics = list(template.non_trainable_weights)
 
