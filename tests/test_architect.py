@@ -147,6 +147,34 @@ def test_torch_adam_matches_pytorch():
     assert np.abs(variable.numpy() - start).max() > 5e-4  # it did move (4 steps of ~lr)
 
 
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "tf_function"])
+def test_torch_sgd_matches_pytorch(traced):
+    # Two variables, so that each finds its own momentum buffer in the fused kernel.
+    rng = np.random.default_rng(1)
+    starts = [rng.normal(size=shape).astype(np.float32) for shape in ((5, 4), (3,))]
+    steps = [[rng.normal(size=s.shape).astype(np.float32) for s in starts] for _ in range(4)]
+    variables = [keras.Variable(s) for s in starts]
+    ours = optim.TorchSGD(0.1, 0.9, coupled_weight_decay=3e-2)
+    ours.build(variables)
+    parameters = [torch.nn.Parameter(torch.tensor(s)) for s in starts]
+    theirs = torch.optim.SGD(parameters, lr=0.1, momentum=0.9, weight_decay=3e-2)
+    apply = ours.apply
+    if traced:
+        apply = tf.function(lambda grads: ours.apply(grads, variables))
+    for grads in steps:
+        tensors = [tf.constant(g) for g in grads]
+        apply(tensors) if traced else apply(tensors, variables)
+        for parameter, grad in zip(parameters, grads, strict=True):
+            parameter.grad = torch.tensor(grad)
+        theirs.step()
+    for variable, parameter in zip(variables, parameters, strict=True):
+        np.testing.assert_allclose(variable.numpy(), parameter.detach().numpy(), atol=1e-6)
+        # The buffer the second order reads is PyTorch's, in PyTorch's convention.
+        buffer = theirs.state[parameter]["momentum_buffer"].numpy()
+        np.testing.assert_allclose(ours.momentum_buffer(variable).numpy(), buffer, atol=1e-6)
+    assert np.abs(variables[0].numpy() - starts[0]).max() > 0.1  # it did move
+
+
 def test_train_step_updates_alphas_then_clipped_weights():
     keras.utils.set_random_seed(0)
     net = build_network(SearchNetwork(3, 4, 3, steps=1, multiplier=1, search_space="darts"), 8)

@@ -141,8 +141,9 @@ def test_alphas_stay_float32_under_mixed_precision():
     assert np.isfinite(keras.ops.convert_to_numpy(keras.ops.cast(logits, "float32"))).all()
 
 
+@pytest.mark.parametrize("differentiated", ["all", "alphas", "weights"])
 @pytest.mark.parametrize("inline", [True, False], ids=["inlined", "noinline"])
-def test_shared_traces_compute_what_the_layers_compute(inline):
+def test_shared_traces_compute_what_the_layers_compute(inline, differentiated):
     import tensorflow as tf  # the executor is TensorFlow's; the model code is not
 
     from pibconv_tf.search.shared_trace import SharedTraces
@@ -159,10 +160,18 @@ def test_shared_traces_compute_what_the_layers_compute(inline):
         keras.config.set_dtype_policy(policy)
     statistics = net.non_trainable_variables
     start = [v.numpy().copy() for v in statistics]
-    sources = [v.value for v in net.trainable_variables]
+    # The architecture pass differentiates the alphas only, the weight pass the weights only:
+    # each shared function then leaves out the gradients nobody asks for.
+    chosen = {
+        "all": net.trainable_variables,
+        "alphas": net.arch_parameters(),
+        "weights": net.weight_parameters(),
+    }[differentiated]
+    sources = [v.value for v in chosen]
 
     def forward_backward():
-        with tf.GradientTape() as tape:
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(sources)
             logits = net(x, training=True)
             loss = tf.reduce_sum(tf.square(logits))
         return logits, tape.gradient(loss, sources)
@@ -182,8 +191,16 @@ def test_shared_traces_compute_what_the_layers_compute(inline):
         (concrete,) = function._list_all_concrete_functions()
         assert concrete.function_def.attr["_noinline"].b is (not inline)
     # 15 edges, 5 configurations: C=4 stride 1 (8x8); C=8 stride 2 (8x8) and 1 (4x4);
-    # C=16 stride 2 (4x4) and 1 (2x2).
-    assert executor.num_functions == 5
+    # C=16 stride 2 (4x4) and 1 (2x2). Differentiated: (inputs, mixing weights, weights).
+    followed = {key[-1] for key in executor._functions}
+    if differentiated == "all":
+        assert executor.num_functions == 5
+        assert followed == {(True, True, True)}
+    elif differentiated == "alphas":
+        # The first cell's inputs come from the stem, which no alpha reaches.
+        assert followed == {(False, True, False), (True, True, False)}
+    else:
+        assert followed == {(True, False, True)}
     assert shared[0].dtype == np.float64
     np.testing.assert_allclose(shared[0], plain[0], rtol=1e-10, atol=1e-12)
     for got, want in zip(shared[1] + shared[2], plain[1] + plain[2], strict=True):

@@ -72,8 +72,12 @@ def _tf_variable(variable):
 
 
 def global_norm(tensors):
-    """sqrt of the sum of squares of every entry, in the tensors' (common) dtype."""
-    return tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(t)) for t in tensors]))
+    """sqrt of the sum of squares of every entry, in the tensors' (common) dtype.
+
+    One `l2_loss` (sum of squares / 2) per tensor, instead of a square and a sum: the
+    ~2,000 weight gradients of the search network make this a thousands-of-nodes saving.
+    """
+    return tf.sqrt(2.0 * tf.add_n([tf.nn.l2_loss(t) for t in tensors]))
 
 
 class Architect:
