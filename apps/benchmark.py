@@ -79,6 +79,11 @@ _SEARCH_INLINE_TRACES = flags.DEFINE_bool(
     "Inline the shared mixed-operation traces into the search step's graph (False: function "
     "calls, a faster first step and less memory, slower steps).",
 )
+_SEARCH_RECOMPUTE = flags.DEFINE_bool(
+    "search_recompute",
+    False,
+    "Recompute each mixed operation in the search step's backward pass (less memory, slower).",
+)
 _ORDER = flags.DEFINE_list("order", list(harness.ORDERS), "Architecture-gradient orders.")
 _INFERENCE_BATCH_SIZES = flags.DEFINE_list(
     "inference_batch_sizes", ["1", "256"], "Batch sizes of Keras and SavedModel inference."
@@ -157,6 +162,7 @@ def config_from_flags():
         search_nodes=_SEARCH_NODES.value,
         search_partial_channels=_SEARCH_PARTIAL_CHANNELS.value,
         search_inline_traces=_SEARCH_INLINE_TRACES.value,
+        search_recompute=_SEARCH_RECOMPUTE.value,
         order=tuple(_ORDER.value),
         search_jit_compile=_SHARED.jit_compile.value if _SHARED.jit_compile.present else False,
         inference_batch_sizes=_integers(_INFERENCE_BATCH_SIZES),

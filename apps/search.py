@@ -132,6 +132,13 @@ _INLINE_TRACES = flags.DEFINE_bool(
     "instead of 11.8 GB, 0.86x the speed. For short runs and "
     "small-memory machines; may change on --resume.",
 )
+_RECOMPUTE = flags.DEFINE_bool(
+    "recompute",
+    False,
+    "Recompute each mixed operation in the backward pass instead of holding its activations "
+    "(gradient checkpointing, TensorFlow): much less memory per image for about one more "
+    "forward pass of time (docs/performance.md). Same gradients; may change on --resume.",
+)
 _STEPS_PER_EPOCH = flags.DEFINE_integer(
     "steps_per_epoch", None, "Cap on the steps of an epoch (quick trials); 0 or unset: all."
 )

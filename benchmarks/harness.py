@@ -99,6 +99,7 @@ class BenchmarkConfig:
             of search_step.
         search_partial_channels: K of PC-DARTS' partial channels in search_step (1: DARTS).
         search_inline_traces: inline the shared traces into the search step's graph.
+        search_recompute: recompute the mixed operations in the search step's backward.
         search_jit_compile: compile the search step with XLA.
         inference_batch_sizes, inference_modes: Keras / SavedModel inference.
         tflite_formats, tflite_threads: TFLite artifacts (batch 1) and LiteRT thread counts.
@@ -143,6 +144,7 @@ class BenchmarkConfig:
     search_nodes: int = 4
     search_partial_channels: int = 1
     search_inline_traces: bool = True
+    search_recompute: bool = False
     order: tuple[str, ...] = ORDERS
     search_jit_compile: bool = False
     inference_batch_sizes: tuple[int, ...] = (1, 256)
@@ -299,6 +301,7 @@ def _search_params(config):
         "nodes": config.search_nodes,
         "partial_channels": config.search_partial_channels,
         "inline_traces": config.search_inline_traces,
+        "recompute": config.search_recompute,
         "image_size": config.image_size,
         "implementation": config.implementation,
         "jit_compile": config.search_jit_compile or config.backend == "jax",

@@ -68,9 +68,17 @@ def search_step(spec):
         implementation=p["implementation"],
         seed=p["seed"],
         inline_traces=p.get("inline_traces", True),
+        recompute=p.get("recompute", False),
         partial_channels=p.get("partial_channels", 1),
     )
-    return [_step_record("search_step", p, stats, trace_seconds=stats["trace_seconds"])]
+    record = _step_record(
+        "search_step",
+        p,
+        stats,
+        trace_seconds=stats["trace_seconds"],
+        resident_mb_after=stats["resident_mb_after"],
+    )
+    return [record]
 
 
 def train_step(spec):

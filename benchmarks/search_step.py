@@ -34,6 +34,7 @@ def benchmark_search_step(
     implementation="depthwise",
     share_traces=True,
     inline_traces=True,
+    recompute=False,
     graph_optimizer=None,
     seed=0,
     partial_channels=1,
@@ -57,6 +58,7 @@ def benchmark_search_step(
         implementation: PIBConv's grouped convolution, "depthwise" or "grouped".
         share_traces: trace each mixed-operation configuration once (`SharedTraces`).
         inline_traces: inline those traces into the step's graph (False: function calls).
+        recompute: recompute the mixed operations in the backward pass.
         graph_optimizer: None keeps the process' setting; "auto", "on" or "off" sets it
             (`distribute.configure_graph_optimizer`, process-wide).
         seed: random seed.
@@ -65,10 +67,13 @@ def benchmark_search_step(
     Returns:
         A dict of the settings and `images_per_second`, `median_step_seconds`,
         `step_seconds` (all timed steps), `trace_seconds`, `first_step_seconds`,
-        `peak_rss_mb`, `params` (weights, without the alphas) and `device`.
+        `peak_rss_mb`, `resident_mb_after` (the resident set after each stage: "start"
+        (TensorFlow and Keras imported), "build", "compile", "trace", "first_step"; None
+        where /proc is missing), `params` (weights, without the alphas) and `device`.
     """
     if graph_optimizer is not None:
         distribute.configure_graph_optimizer(graph_optimizer)
+    stages = {"start": _resident_mb()}
     keras.utils.set_random_seed(seed)
     network = SearchNetwork(
         10,
@@ -82,14 +87,20 @@ def benchmark_search_step(
     )
     build_network(network, image_size)
     pib_conv_lib.set_implementation(network, implementation)
+    stages["build"] = _resident_mb()
     trainer = SearchTrainer(
-        network, order=order, share_traces=share_traces, inline_traces=inline_traces
+        network,
+        order=order,
+        share_traces=share_traces,
+        inline_traces=inline_traces,
+        recompute=recompute,
     )
     schedule = optim.EpochCosineDecay(0.0025, 50, 1000, 0.001)
     trainer.compile(
         optim.TorchSGD(schedule, 0.9, coupled_weight_decay=3e-4),
         TorchAdam(3e-4, 0.5, 0.999, coupled_weight_decay=1e-3),
     )
+    stages["compile"] = _resident_mb()
     rng = np.random.default_rng(seed)
 
     def batch():
@@ -101,9 +112,11 @@ def benchmark_search_step(
     start = time.perf_counter()
     step.get_concrete_function(data)
     trace_seconds = time.perf_counter() - start
+    stages["trace"] = _resident_mb()
     start = time.perf_counter()
     _run(step, data)
     first_step_seconds = time.perf_counter() - start
+    stages["first_step"] = _resident_mb()
     for _ in range(warmup):
         _run(step, data)
     times = []
@@ -125,6 +138,7 @@ def benchmark_search_step(
         "jit_compile": jit_compile,
         "share_traces": share_traces,
         "inline_traces": inline_traces,
+        "recompute": recompute,
         "graph_optimizer": not tf.config.optimizer.get_experimental_options().get(
             "disable_meta_optimizer", False
         ),
@@ -134,9 +148,22 @@ def benchmark_search_step(
         "trace_seconds": trace_seconds,
         "first_step_seconds": first_step_seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "resident_mb_after": stages,
         "params": int(sum(np.prod(v.shape) for v in network.weight_parameters())),
         "device": distribute.device_description(),
     }
+
+
+def _resident_mb():
+    """The process' resident set now, in MB (Linux' /proc), or None elsewhere."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
 
 
 def _run(step, data):

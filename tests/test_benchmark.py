@@ -93,6 +93,11 @@ def test_app_measures_steps_inference_and_pipelines(tmp_path):
     for record in records[:2] + records[3:]:
         check_ok(record)
     assert records[0]["unit"] == records[1]["unit"] == "images/s"
+    # Where the search step's memory goes: the resident set after each stage, each within
+    # the peak (Linux' /proc).
+    stages = records[0]["resident_mb_after"]
+    assert list(stages) == ["start", "build", "compile", "trace", "first_step"]
+    assert stages["start"] > 10 and max(stages.values()) <= records[0]["peak_rss_mb"] + 1
     assert {r["unit"] for r in records if r["what"] == "inference"} == {"ms"}
     assert [r["config"]["batch_size"] for r in records[3:6]] == [1, 1, 1]
     assert records[-2]["images_per_epoch"] == 16 // 2 * 2

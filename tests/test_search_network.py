@@ -142,8 +142,12 @@ def test_alphas_stay_float32_under_mixed_precision():
 
 
 @pytest.mark.parametrize("differentiated", ["all", "alphas", "weights"])
-@pytest.mark.parametrize("inline", [True, False], ids=["inlined", "noinline"])
-def test_shared_traces_compute_what_the_layers_compute(inline, differentiated):
+@pytest.mark.parametrize(
+    ("inline", "recompute"),
+    [(True, False), (False, False), (False, True)],
+    ids=["inlined", "noinline", "noinline_recompute"],
+)
+def test_shared_traces_compute_what_the_layers_compute(inline, recompute, differentiated):
     import tensorflow as tf  # the executor is TensorFlow's; the model code is not
 
     from pibconv_tf.search.shared_trace import SharedTraces
@@ -184,7 +188,7 @@ def test_shared_traces_compute_what_the_layers_compute(inline, differentiated):
         return logits.numpy(), [g.numpy() for g in grads], [v.numpy() for v in statistics]
 
     plain = run(None, forward_backward)
-    executor = SharedTraces(inline=inline)
+    executor = SharedTraces(inline=inline, recompute=recompute)
     # Inside a tf.function, where TensorFlow inlines the nested calls unless told not to.
     shared = run(executor, tf.function(forward_backward))
     for function in executor._functions.values():
@@ -206,3 +210,44 @@ def test_shared_traces_compute_what_the_layers_compute(inline, differentiated):
     for got, want in zip(shared[1] + shared[2], plain[1] + plain[2], strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
     assert not np.allclose(plain[2][-1], start[-1])  # the statistics did move
+
+
+def test_recomputed_traces_keep_only_their_arguments_for_the_backward_pass():
+    import tensorflow as tf
+
+    from pibconv_tf.search.shared_trace import SharedTraces
+
+    def kept_for_backward(recompute):
+        """Tensors the called forward functions hand to their gradients, and the gradients."""
+        keras.utils.set_random_seed(0)
+        net = tiny_network(search_space="pibconv")
+        x = keras.random.normal((2, 8, 8, 3), seed=3)
+        sources = [v.value for v in net.weight_parameters()]
+        network_lib.set_op_executor(net, SharedTraces(inline=False, recompute=recompute))
+
+        @tf.function
+        def step():
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                tape.watch(sources)
+                loss = tf.reduce_sum(tf.square(net(x, training=True)))
+            return tape.gradient(loss, sources)
+
+        library = step.get_concrete_function().graph.as_graph_def().library
+        kept = set()
+        for function in library.function:
+            if function.signature.name.startswith("__forward_mixed_op"):
+                # What each forward hands its gradient, by the kind of op that made it.
+                made_by = {node.name: node.op for node in function.node_def}
+                for output in function.signature.output_arg:
+                    kept.add(made_by.get(function.ret[output.name].split(":")[0], "argument"))
+        grads = step()
+        return kept, [g.numpy() for g in grads]
+
+    held, recomputed = kept_for_backward(recompute=True)
+    full, stored = kept_for_backward(recompute=False)
+    # Recomputed: each forward passes on its arguments and its outputs only; stored: the
+    # intermediates of its ten operations.
+    assert held == {"argument", "Identity", "IdentityN"}  # IdentityN: its outputs
+    assert {"Conv2D", "DepthwiseConv2dNative", "FusedBatchNormV3"} <= full
+    for a, b in zip(recomputed, stored, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

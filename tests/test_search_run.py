@@ -11,13 +11,16 @@ import pathlib
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 
 from pibconv_tf.errors import RunError, UserInputError
 from pibconv_tf.model.genotypes import Genotype
+from pibconv_tf.model.search_network import SearchNetwork, build_network
 from pibconv_tf.search.config import SearchConfig
 from pibconv_tf.search.run import run_search
+from pibconv_tf.search.trainer import SearchTrainer
 from tests import app_process
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -168,6 +171,19 @@ def test_noinline_traces_with_sync_batch_norm_is_refused():
     with pytest.raises(ValueError, match="--noinline_traces has no effect with --sync_batch"):
         SearchConfig.from_dict(values).validate()
     SearchConfig.from_dict({**values, "inline_traces": True}).validate()
+
+
+def test_recompute_needs_the_shared_traces(monkeypatch):
+    values = {**TINY, "model_dir": "unused", "sync_batch_norm": True, "recompute": True}
+    with pytest.raises(ValueError, match="--recompute works through the shared traces"):
+        SearchConfig.from_dict(values).validate()
+    SearchConfig.from_dict({**values, "sync_batch_norm": False}).validate()
+    network = build_network(SearchNetwork(3, 4, 3, steps=1, multiplier=1), 8)
+    with pytest.raises(ValueError, match="--recompute runs through TensorFlow's shared"):
+        SearchTrainer(network, share_traces=False, recompute=True)
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    with pytest.raises(ValueError, match="not offered on JAX"):
+        SearchTrainer(network, recompute=True)
 
 
 def run_app(*args):

@@ -33,6 +33,7 @@ class SearchConfig:
     strategy: str = "auto"
     sync_batch_norm: bool = False
     inline_traces: bool = True
+    recompute: bool = False
     resume: bool = False
     overwrite: bool = False
     mixed_precision: str | None = None
@@ -72,6 +73,7 @@ class SearchConfig:
             "run_eagerly",
             "data_dir",
             "inline_traces",
+            "recompute",
         }
     )
 
@@ -107,6 +109,11 @@ class SearchConfig:
             raise UserInputError(
                 "--noinline_traces has no effect with --sync_batch_norm, whose edges are "
                 "traced one by one instead of through shared traces; drop one of the two."
+            )
+        if self.sync_batch_norm and self.recompute:
+            raise UserInputError(
+                "--recompute works through the shared traces, which --sync_batch_norm does "
+                "not use (its edges are traced one by one); drop one of the two."
             )
         if self.partial_channels > 1 and self.init_channels % (2 * self.partial_channels):
             raise UserInputError(

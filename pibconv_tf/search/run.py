@@ -121,6 +121,7 @@ def _build(config, num_classes, strategy):
             # sum of synchronized BatchNorm: edges are then traced one by one (slower).
             share_traces=not config.sync_batch_norm,
             inline_traces=config.inline_traces,
+            recompute=config.recompute,
             # Set per epoch by `regularization.BetaDecaySchedule`.
             beta_regularization=0.0 if config.beta_regularization else None,
         )

@@ -38,11 +38,16 @@ class SharedTraces:
     Args:
         inline: let TensorFlow inline the shared functions into the step's graph (fastest
             steps); False runs them as calls (a much faster first step, less memory).
+        recompute: keep only each edge's arguments for the backward pass and run the edge
+            again there (gradient checkpointing per mixed operation): the activations held
+            between the forward and the backward pass shrink to the cells' states, for
+            about one more forward pass of time.
     """
 
-    def __init__(self, inline=True):
+    def __init__(self, inline=True, recompute=False):
         self._functions = {}
         self.inline = inline
+        self.recompute = recompute
 
     def __call__(self, op, inputs, weights, training):
         training = bool(training)
@@ -65,7 +70,7 @@ class SharedTraces:
         )
         function = self._functions.get(key)
         if function is None:
-            function = _shared_function(op, training, self.inline, differentiated)
+            function = _shared_function(op, training, self.inline, differentiated, self.recompute)
             self._functions[key] = function
         outputs, updates = function(inputs, weights, values)
         if training:
@@ -78,7 +83,7 @@ class SharedTraces:
         return len(self._functions)
 
 
-def _shared_function(template, training, inline, differentiated):
+def _shared_function(template, training, inline, differentiated, recompute=False):
     variables = list(template.weights)
     statistics = list(template.non_trainable_weights)
     trainable = [v.trainable for v in variables]
@@ -99,5 +104,34 @@ def _shared_function(template, training, inline, differentiated):
         updates = [scope.get_current_value(v) for v in statistics] if training else []
         return outputs, updates
 
+    function = _recomputed(mixed_op) if recompute else mixed_op
     attributes = None if inline else {"_noinline": True}
-    return tf.function(mixed_op, autograph=False, experimental_attributes=attributes)
+    return tf.function(function, autograph=False, experimental_attributes=attributes)
+
+
+def _recomputed(forward):
+    """`forward` whose gradient runs it again instead of keeping its intermediates.
+
+    The backward pass holds only the arguments; it recomputes the outputs under a tape (in
+    training mode BatchNorm normalises by the same batch statistics, so the gradients are
+    those of the first pass) and differentiates them. Arguments `forward` cuts off get no
+    gradient, as without recomputation.
+    """
+
+    def mixed_op(inputs, weights, values):
+        @tf.custom_gradient
+        def call(*arguments):
+            outputs, updates = forward(arguments[0], arguments[1], list(arguments[2:]))
+
+            def gradient(d_outputs, *unused_d_updates):
+                with tf.GradientTape(watch_accessed_variables=False) as tape:
+                    tape.watch(arguments)
+                    again, _ = forward(arguments[0], arguments[1], list(arguments[2:]))
+                return tape.gradient(again, list(arguments), output_gradients=d_outputs)
+
+            return (outputs, *updates), gradient
+
+        outputs, *updates = call(inputs, weights, *values)
+        return outputs, updates
+
+    return mixed_op

@@ -31,6 +31,9 @@ class SearchTrainer(keras.Model):
         inline_traces: let TensorFlow inline the shared traces into the step's graph
             (fastest steps); False runs them as function calls: a first step in seconds
             rather than minutes and less memory, slower steps (`shared_trace`).
+        recompute: recompute each mixed operation in the backward pass instead of holding
+            its activations (gradient checkpointing; TensorFlow, with `share_traces`):
+            much less memory per image for about one more forward pass of time.
         loss_scaling: scale the losses dynamically (`DynamicLossScale`); None turns it on
             under the mixed_float16 policy (TensorFlow only).
         hessian: the second order's Hessian-vector product: "finite_difference" (DARTS'
@@ -64,6 +67,7 @@ class SearchTrainer(keras.Model):
         grad_clip=5.0,
         share_traces=True,
         inline_traces=True,
+        recompute=False,
         loss_scaling=None,
         hessian="finite_difference",
         beta_regularization=None,
@@ -86,10 +90,16 @@ class SearchTrainer(keras.Model):
         self.grad_clip = grad_clip
         self.share_traces = share_traces
         tensorflow = keras.backend.backend() == "tensorflow"
+        if recompute and not (tensorflow and share_traces):
+            raise UserInputError(
+                "--recompute runs through TensorFlow's shared mixed-operation traces; it is "
+                "not offered on JAX or with --sync_batch_norm."
+            )
         if tensorflow:
             from pibconv_tf.search.shared_trace import SharedTraces  # noqa: PLC0415
 
-            set_op_executor(network, SharedTraces(inline_traces) if share_traces else None)
+            executor = SharedTraces(inline_traces, recompute) if share_traces else None
+            set_op_executor(network, executor)
         if loss_scaling is None:
             loss_scaling = keras.mixed_precision.global_policy().name == "mixed_float16"
         self.loss_scale = None
