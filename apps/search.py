@@ -124,13 +124,12 @@ _PARTIAL_CHANNELS = flags.DEFINE_integer(
 _INLINE_TRACES = flags.DEFINE_bool(
     "inline_traces",
     True,
-    "Let TensorFlow inline the shared mixed-operation traces into the step's graph: the "
-    "fastest steps, but minutes of the first step and gigabytes of memory on the paper's "
-    "network. --noinline_traces runs them as function calls: measured on the paper's search "
-    "network (batch 8, 2-core CPU), first order: first batch after 51 s instead of ~136 s, "
-    "4.2 instead of 5.8 GB, 0.82x the speed; second order: 107 s instead of ~350 s, 5.8 "
-    "instead of 11.8 GB, 0.86x the speed. For short runs and "
-    "small-memory machines; may change on --resume.",
+    "Let TensorFlow inline the shared mixed-operation traces into the step's graph (minutes "
+    "of the first step and gigabytes of memory on the paper's network). --noinline_traces "
+    "runs them as function calls: measured on the paper's search network (batch 8, 2-core "
+    "CPU), the first batch after 36 s instead of ~136 s (first order) and 96 s instead of "
+    "~350 s (second); with --recompute also the least memory (docs/performance.md). May "
+    "change on --resume.",
 )
 _RECOMPUTE = flags.DEFINE_bool(
     "recompute",

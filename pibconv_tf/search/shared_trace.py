@@ -9,17 +9,25 @@ every edge calls that function with its own variables; TensorFlow also derives t
 gradient once and reuses it at every call.
 
 The shared function runs the first edge of the configuration (the template) in a
-`keras.StatelessScope` that substitutes the calling edge's variable values, and returns the
-updated BatchNorm statistics, which the caller assigns to its own variables (or, inside the
-architect's stateless passes, records without applying, as a direct call would).
+`keras.StatelessScope` that substitutes the calling edge's variable values. It takes the
+edge's tf.Variables, reads them and assigns the updated BatchNorm statistics itself, so that
+the step's graph holds one call per edge and pass (not ~50 reads and assignments around it).
+Inside the architect's stateless passes (substituted weights), under autocast or a
+tf.distribute strategy it takes the values instead and returns the statistics, which the
+caller assigns (or the scope records without applying, as a direct call would).
+
+Each function is specialised to what the gradient tape follows at the call (inputs, mixing
+weights, weights): the others are cut off inside, so that the gradient of the architecture
+pass does not compute the weights' gradients, nor the weight pass the alphas'. With
+`recompute=True` the gradient keeps only the function's arguments and runs it again.
 
 By default TensorFlow inlines each call into the step's graph when the step first runs: the
 executed graph is as large as one traced edge by edge, which costs minutes of the first call
-and gigabytes of memory, and buys the fastest steps. `inline=False` marks the functions
-`_noinline`: each call runs the one instantiated body. Measured on the paper's search
-network (8 cells, C=16, batch 8, 2-core CPU; docs/performance.md): first order, trace + first
-call 51 s instead of ~136 s and peak memory 4.2 instead of 5.8 GB at 0.82x the speed; second
-order 107 s instead of ~350 s and 5.8 instead of 11.8 GB at 0.86x the speed.
+and gigabytes of memory. `inline=False` marks the functions `_noinline`: each call runs the
+one instantiated body. Measured on the paper's search network (8 cells, C=16, 2-core CPU;
+docs/performance.md), first order: trace + first call 36 s instead of ~136 s; with
+`recompute=True` as well, 2.6 GB and 5.1 images/s at batch 32 (the authors' PyTorch code:
+6.1 GB, 0.9 images/s).
 """
 
 import keras
