@@ -77,12 +77,12 @@ _SEARCH_INLINE_TRACES = flags.DEFINE_bool(
     "search_inline_traces",
     True,
     "Inline the shared mixed-operation traces into the search step's graph (False: function "
-    "calls, a faster first step and less memory, slower steps).",
+    "calls: a faster first step and less memory).",
 )
 _SEARCH_RECOMPUTE = flags.DEFINE_bool(
     "search_recompute",
     False,
-    "Recompute each mixed operation in the search step's backward pass (less memory, slower).",
+    "Recompute each mixed operation in the search step's backward pass (less memory).",
 )
 _ORDER = flags.DEFINE_list("order", list(harness.ORDERS), "Architecture-gradient orders.")
 _INFERENCE_BATCH_SIZES = flags.DEFINE_list(

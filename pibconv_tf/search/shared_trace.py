@@ -45,12 +45,12 @@ class SharedTraces:
     ```
 
     Args:
-        inline: let TensorFlow inline the shared functions into the step's graph (fastest
-            steps); False runs them as calls (a much faster first step, less memory).
+        inline: let TensorFlow inline the shared functions into the step's graph; False
+            runs them as calls (a much faster first step, less memory).
         recompute: keep only each edge's arguments for the backward pass and run the edge
             again there (gradient checkpointing per mixed operation): the activations held
-            between the forward and the backward pass shrink to the cells' states, for
-            about one more forward pass of time.
+            between the forward and the backward pass shrink to the cells' states; one
+            more forward pass of work, yet faster steps when called (docs/performance.md).
     """
 
     def __init__(self, inline=True, recompute=False):

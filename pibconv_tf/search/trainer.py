@@ -29,11 +29,12 @@ class SearchTrainer(keras.Model):
         share_traces: trace each mixed-operation configuration once (`SharedTraces`) instead
             of every edge: same numbers, a much smaller graph.
         inline_traces: let TensorFlow inline the shared traces into the step's graph
-            (fastest steps); False runs them as function calls: a first step in seconds
-            rather than minutes and less memory, slower steps (`shared_trace`).
+            False runs them as function calls: a first step in seconds rather than
+            minutes and less memory (`shared_trace`, docs/performance.md).
         recompute: recompute each mixed operation in the backward pass instead of holding
             its activations (gradient checkpointing; TensorFlow, with `share_traces`):
-            much less memory per image for about one more forward pass of time.
+            much less memory per image (faster steps with `inline_traces=False` on the
+            paper's network; docs/performance.md).
         loss_scaling: scale the losses dynamically (`DynamicLossScale`); None turns it on
             under the mixed_float16 policy (TensorFlow only).
         hessian: the second order's Hessian-vector product: "finite_difference" (DARTS'
