@@ -75,14 +75,15 @@ _SEARCH_PARTIAL_CHANNELS = flags.DEFINE_integer(
 )
 _SEARCH_INLINE_TRACES = flags.DEFINE_bool(
     "search_inline_traces",
-    True,
-    "Inline the shared mixed-operation traces into the search step's graph (False: function "
-    "calls: a faster first step and less memory).",
+    False,
+    "Inline the shared mixed-operation traces into the search step's graph (apps.search's "
+    "--inline_traces; the default, False, runs them as function calls).",
 )
 _SEARCH_RECOMPUTE = flags.DEFINE_bool(
     "search_recompute",
-    False,
-    "Recompute each mixed operation in the search step's backward pass (less memory).",
+    None,
+    "Recompute each mixed operation in the search step's backward pass (apps.search's "
+    "--recompute; unset: on with TensorFlow, off on JAX).",
 )
 _ORDER = flags.DEFINE_list("order", list(harness.ORDERS), "Architecture-gradient orders.")
 _INFERENCE_BATCH_SIZES = flags.DEFINE_list(

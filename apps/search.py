@@ -123,21 +123,22 @@ _PARTIAL_CHANNELS = flags.DEFINE_integer(
 )
 _INLINE_TRACES = flags.DEFINE_bool(
     "inline_traces",
-    True,
-    "Let TensorFlow inline the shared mixed-operation traces into the step's graph (minutes "
-    "of the first step and gigabytes of memory on the paper's network). --noinline_traces "
-    "runs them as function calls: measured on the paper's search network (batch 8, 2-core "
-    "CPU), the first batch after 36 s instead of ~136 s (first order) and 96 s instead of "
-    "~350 s (second); with --recompute also the least memory (docs/performance.md). May "
-    "change on --resume.",
+    None,
+    "Let TensorFlow inline the shared mixed-operation traces into the step's graph. Unset "
+    "(the default) or --noinline_traces runs them as function calls: measured on the "
+    "paper's search network (batch 8, 2-core CPU, with the default --recompute), the first "
+    "batch after 33 s instead of 76 s (first order) and 89 s instead of 207 s (second), at "
+    "0.4-0.5x the memory and the same or faster steps (docs/performance.md). Not with "
+    "--sync_batch_norm, which does not share traces. May change on --resume.",
 )
 _RECOMPUTE = flags.DEFINE_bool(
     "recompute",
-    False,
+    None,
     "Recompute each mixed operation in the backward pass instead of holding its activations "
-    "(gradient checkpointing, TensorFlow): ~8 instead of ~150 MB per image on the paper's "
-    "network, and with --noinline_traces faster steps there (docs/performance.md). Same "
-    "gradients; may change on --resume.",
+    "(gradient checkpointing through TensorFlow's shared traces): ~8 instead of ~150 MB per "
+    "image on the paper's network and faster steps there (docs/performance.md); same "
+    "gradients. Unset (the default): on with TensorFlow, off on JAX and with "
+    "--sync_batch_norm, where it is not offered. May change on --resume.",
 )
 _STEPS_PER_EPOCH = flags.DEFINE_integer(
     "steps_per_epoch", None, "Cap on the steps of an epoch (quick trials); 0 or unset: all."

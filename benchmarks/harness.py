@@ -99,7 +99,8 @@ class BenchmarkConfig:
             of search_step.
         search_partial_channels: K of PC-DARTS' partial channels in search_step (1: DARTS).
         search_inline_traces: inline the shared traces into the search step's graph.
-        search_recompute: recompute the mixed operations in the search step's backward.
+        search_recompute: recompute the mixed operations in the search step's backward
+            (None: wherever offered, as apps.search).
         search_jit_compile: compile the search step with XLA.
         inference_batch_sizes, inference_modes: Keras / SavedModel inference.
         tflite_formats, tflite_threads: TFLite artifacts (batch 1) and LiteRT thread counts.
@@ -143,8 +144,8 @@ class BenchmarkConfig:
     search_space: str = "pibconv"
     search_nodes: int = 4
     search_partial_channels: int = 1
-    search_inline_traces: bool = True
-    search_recompute: bool = False
+    search_inline_traces: bool = False
+    search_recompute: bool | None = None
     order: tuple[str, ...] = ORDERS
     search_jit_compile: bool = False
     inference_batch_sizes: tuple[int, ...] = (1, 256)

@@ -67,13 +67,15 @@ def search_step(spec):
         image_size=p["image_size"],
         implementation=p["implementation"],
         seed=p["seed"],
-        inline_traces=p.get("inline_traces", True),
-        recompute=p.get("recompute", False),
+        inline_traces=p.get("inline_traces", False),
+        recompute=p.get("recompute"),
         partial_channels=p.get("partial_channels", 1),
     )
+    # What ran (an unset recompute resolves to on with TensorFlow, off on JAX).
+    ran = {**p, "inline_traces": stats["inline_traces"], "recompute": stats["recompute"]}
     record = _step_record(
         "search_step",
-        p,
+        ran,
         stats,
         trace_seconds=stats["trace_seconds"],
         resident_mb_after=stats["resident_mb_after"],

@@ -33,8 +33,8 @@ def benchmark_search_step(
     image_size=32,
     implementation="depthwise",
     share_traces=True,
-    inline_traces=True,
-    recompute=False,
+    inline_traces=False,
+    recompute=None,
     graph_optimizer=None,
     seed=0,
     partial_channels=1,
@@ -58,7 +58,8 @@ def benchmark_search_step(
         implementation: PIBConv's grouped convolution, "depthwise" or "grouped".
         share_traces: trace each mixed-operation configuration once (`SharedTraces`).
         inline_traces: inline those traces into the step's graph (False: function calls).
-        recompute: recompute the mixed operations in the backward pass.
+        recompute: recompute the mixed operations in the backward pass (None: wherever
+            offered; the record holds what ran).
         graph_optimizer: None keeps the process' setting; "auto", "on" or "off" sets it
             (`distribute.configure_graph_optimizer`, process-wide).
         seed: random seed.
@@ -137,8 +138,8 @@ def benchmark_search_step(
         "implementation": implementation,
         "jit_compile": jit_compile,
         "share_traces": share_traces,
-        "inline_traces": inline_traces,
-        "recompute": recompute,
+        "inline_traces": trainer.inline_traces,
+        "recompute": trainer.recompute,
         "graph_optimizer": not tf.config.optimizer.get_experimental_options().get(
             "disable_meta_optimizer", False
         ),

@@ -17,7 +17,7 @@ import pytest
 
 from pibconv_tf.errors import RunError, UserInputError
 from pibconv_tf.model.genotypes import Genotype
-from pibconv_tf.model.search_network import SearchNetwork, build_network
+from pibconv_tf.model.search_network import MixedOp, SearchNetwork, build_network
 from pibconv_tf.search.config import SearchConfig
 from pibconv_tf.search.run import run_search
 from pibconv_tf.search.trainer import SearchTrainer
@@ -171,6 +171,25 @@ def test_noinline_traces_with_sync_batch_norm_is_refused():
     with pytest.raises(ValueError, match="--noinline_traces has no effect with --sync_batch"):
         SearchConfig.from_dict(values).validate()
     SearchConfig.from_dict({**values, "inline_traces": True}).validate()
+    # Unset (the default), neither flag is refused: they resolve to what the edges can do.
+    defaults = {**TINY, "model_dir": "unused", "sync_batch_norm": True}
+    SearchConfig.from_dict(defaults).validate()
+
+
+def test_the_default_step_calls_its_shared_traces_and_recomputes_them():
+    from pibconv_tf.search.shared_trace import SharedTraces  # noqa: PLC0415
+
+    assert SearchConfig().inline_traces is None and SearchConfig().recompute is None
+    network = build_network(SearchNetwork(3, 4, 3, steps=1, multiplier=1), 8)
+    trainer = SearchTrainer(network)
+    assert (trainer.inline_traces, trainer.recompute) == (False, True)
+    ops = [x for x in network._flatten_layers(include_self=False) if isinstance(x, MixedOp)]
+    (executor,) = {id(op.executor): op.executor for op in ops}.values()
+    assert isinstance(executor, SharedTraces)
+    assert (executor.inline, executor.recompute) == (False, True)
+    # Without shared traces (synchronized BatchNorm) the unset default turns itself off.
+    unshared = SearchTrainer(network, share_traces=False)
+    assert (unshared.inline_traces, unshared.recompute) == (False, False)
 
 
 def test_recompute_needs_the_shared_traces(monkeypatch):
@@ -248,7 +267,7 @@ def test_app_runs_a_traced_first_order_search(tmp_path):
     assert refused.returncode == 1
     assert "--layers=4 differs from the run being resumed (3)" in refused.stderr
     # How the step runs its shared traces is not part of the run: it may change on resume.
-    called = run_app("--resume", f"--model_dir={model_dir}", "--noinline_traces")
+    called = run_app("--resume", f"--model_dir={model_dir}", "--inline_traces", "--norecompute")
     assert called.returncode == 0, called.stderr[-3000:]
     assert "nothing to do" in called.stdout
 

@@ -32,8 +32,9 @@ class SearchConfig:
     seed: int = 0
     strategy: str = "auto"
     sync_batch_norm: bool = False
-    inline_traces: bool = True
-    recompute: bool = False
+    # None: the measured-best choice (function calls; recomputation where it is offered).
+    inline_traces: bool | None = None
+    recompute: bool | None = None
     resume: bool = False
     overwrite: bool = False
     mixed_precision: str | None = None
@@ -105,12 +106,12 @@ class SearchConfig:
         _check_int("layers", self.layers, 3, "an integer >= 3 (a normal and two reductions)")
         _check_int("nodes", self.nodes, 1, "an integer >= 1")
         _check_int("partial_channels", self.partial_channels, 1, "an integer >= 1 (1: DARTS)")
-        if self.sync_batch_norm and not self.inline_traces:
+        if self.sync_batch_norm and self.inline_traces is False:
             raise UserInputError(
                 "--noinline_traces has no effect with --sync_batch_norm, whose edges are "
                 "traced one by one instead of through shared traces; drop one of the two."
             )
-        if self.sync_batch_norm and self.recompute:
+        if self.sync_batch_norm and self.recompute is True:
             raise UserInputError(
                 "--recompute works through the shared traces, which --sync_batch_norm does "
                 "not use (its edges are traced one by one); drop one of the two."

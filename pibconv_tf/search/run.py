@@ -120,7 +120,8 @@ def _build(config, num_classes, strategy):
             # A shared trace is a nested tf.function, which cannot hold the cross-replica
             # sum of synchronized BatchNorm: edges are then traced one by one (slower).
             share_traces=not config.sync_batch_norm,
-            inline_traces=config.inline_traces,
+            inline_traces=bool(config.inline_traces),
+            # None: on wherever offered (TensorFlow's shared traces).
             recompute=config.recompute,
             # Set per epoch by `regularization.BetaDecaySchedule`.
             beta_regularization=0.0 if config.beta_regularization else None,

@@ -21,13 +21,13 @@ weights, weights): the others are cut off inside, so that the gradient of the ar
 pass does not compute the weights' gradients, nor the weight pass the alphas'. With
 `recompute=True` the gradient keeps only the function's arguments and runs it again.
 
-By default TensorFlow inlines each call into the step's graph when the step first runs: the
-executed graph is as large as one traced edge by edge, which costs minutes of the first call
-and gigabytes of memory. `inline=False` marks the functions `_noinline`: each call runs the
-one instantiated body. Measured on the paper's search network (8 cells, C=16, 2-core CPU;
-docs/performance.md), first order: trace + first call 36 s instead of ~136 s; with
-`recompute=True` as well, 2.6 GB and 5.1 images/s at batch 32 (the authors' PyTorch code:
-6.1 GB, 0.9 images/s).
+With `inline=True` TensorFlow inlines each call into the step's graph when the step first
+runs: the executed graph is as large as one traced edge by edge, which costs minutes of the
+first call and gigabytes of memory. By default (`inline=False`) the functions are marked
+`_noinline`: each call runs the one instantiated body. Measured on the paper's search network
+(8 cells, C=16, batch 8, 2-core CPU, same run; docs/performance.md), calls with recomputation
+against inlined calls without: trace + first call 33 s instead of 76 s (first order) and 89 s
+instead of 207 s (second), at 0.50x and 0.42x the memory and 1.08x and 1.03x the speed.
 """
 
 import keras
@@ -46,14 +46,14 @@ class SharedTraces:
 
     Args:
         inline: let TensorFlow inline the shared functions into the step's graph; False
-            runs them as calls (a much faster first step, less memory).
+            (the default) runs them as calls (a much faster first step, less memory).
         recompute: keep only each edge's arguments for the backward pass and run the edge
             again there (gradient checkpointing per mixed operation): the activations held
             between the forward and the backward pass shrink to the cells' states; one
             more forward pass of work, yet faster steps when called (docs/performance.md).
     """
 
-    def __init__(self, inline=True, recompute=False):
+    def __init__(self, inline=False, recompute=True):
         self._functions = {}
         self.inline = inline
         self.recompute = recompute
