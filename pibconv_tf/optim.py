@@ -91,21 +91,26 @@ def _tf_has_strategy():
 
 
 def _tf_sgd_step(optimizer, grads, variables, learning_rate):
-    """`TorchSGD.update_step` over all variables, with its constants made once per dtype."""
+    """`TorchSGD.update_step` over all variables: the weight decay d = g + wd * w computed
+    once per shape of variable (`search.grouped`: stacked, the same arithmetic), then one
+    momentum kernel per variable."""
     import tensorflow as tf  # noqa: PLC0415
 
+    from pibconv_tf.search import grouped  # noqa: PLC0415
+
+    grads = [tf.cast(g, v.dtype) for g, v in zip(grads, variables, strict=True)]
+    if optimizer.coupled_weight_decay:
+        decay = optimizer.coupled_weight_decay
+        values = [tf.convert_to_tensor(v) for v in variables]
+        grads = grouped.ShapeGroups(values).map(
+            lambda g, w: g + tf.cast(decay, w.dtype) * w, grads, values
+        )
     constants = {}
     for gradient, variable in zip(grads, variables, strict=True):
         dtype = variable.dtype
         if dtype not in constants:
-            constants[dtype] = [
-                tf.cast(value, dtype)
-                for value in (learning_rate, optimizer.coupled_weight_decay, optimizer.momentum)
-            ]
-        lr, decay, momentum = constants[dtype]
-        gradient = tf.cast(gradient, dtype)
-        if optimizer.coupled_weight_decay:
-            gradient = gradient + decay * tf.convert_to_tensor(variable)
+            constants[dtype] = [tf.cast(v, dtype) for v in (learning_rate, optimizer.momentum)]
+        lr, momentum = constants[dtype]
         buffer = optimizer.momentum_buffers[optimizer._get_variable_index(variable)]
         _tf_momentum_update(variable, buffer, lr, gradient, momentum)
 

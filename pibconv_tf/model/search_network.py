@@ -253,6 +253,8 @@ class SearchCell(keras.layers.Layer):
     def call(self, inputs, weights, edge_weights=None, training=None):
         s0, s1 = inputs
         states = [self.preprocess0(s0, training=training), self.preprocess1(s1, training=training)]
+        weights = _rows(weights)
+        edge_weights = None if edge_weights is None else _rows(edge_weights)
         offset = 0
         for _ in range(self.steps):
             total = None
@@ -419,12 +421,15 @@ class SearchNetwork(keras.Model):
         self.built = True
 
     def call(self, inputs, training=None):
-        normal = ops.softmax(ops.convert_to_tensor(self._alphas_normal), axis=-1)
-        reduce = ops.softmax(ops.convert_to_tensor(self._alphas_reduce), axis=-1)
+        # The rows (one per edge) split once here rather than sliced edge by edge in every
+        # cell: one node per kind of cell in the graph, and in its gradient, instead of one
+        # per edge (224 slices and their gradients' ~1,500 nodes in the paper's step).
+        normal = _rows(ops.softmax(ops.convert_to_tensor(self._alphas_normal), axis=-1))
+        reduce = _rows(ops.softmax(ops.convert_to_tensor(self._alphas_reduce), axis=-1))
         edges = {False: None, True: None}
         if self._betas:
             edges = {
-                kind: node_softmax(ops.convert_to_tensor(betas), self.steps)
+                kind: _rows(node_softmax(ops.convert_to_tensor(betas), self.steps))
                 for kind, betas in zip((False, True), self._betas, strict=True)
             }
         x = L.norm(self.stem_bn, L.conv(self.stem_conv, inputs, training), training)
@@ -522,6 +527,13 @@ def build_network(network, image_size):
     """Creates every weight of `network` with one eager call on a zero image; returns it."""
     network(ops.zeros((1, image_size, image_size, 3)), training=False)
     return network
+
+
+def _rows(matrix):
+    """`matrix` as a list of its rows (a list is returned as it is)."""
+    if isinstance(matrix, (list, tuple)):
+        return list(matrix)
+    return ops.unstack(matrix, axis=0)
 
 
 def set_op_executor(model, executor):

@@ -37,6 +37,8 @@ import contextlib
 import keras
 import tensorflow as tf
 
+from pibconv_tf.search import grouped
+
 ORDERS = ("first", "second")
 
 
@@ -74,10 +76,11 @@ def _tf_variable(variable):
 def global_norm(tensors):
     """sqrt of the sum of squares of every entry, in the tensors' (common) dtype.
 
-    One `l2_loss` (sum of squares / 2) per tensor, instead of a square and a sum: the
-    ~2,000 weight gradients of the search network make this a thousands-of-nodes saving.
+    One `l2_loss` (sum of squares / 2) per shape of tensor (`grouped`), instead of a square
+    and a sum per tensor: the ~2,000 weight gradients of the search network have 41 shapes.
     """
-    return tf.sqrt(2.0 * tf.add_n([tf.nn.l2_loss(t) for t in tensors]))
+    groups = grouped.ShapeGroups(tensors)
+    return grouped.global_norm(groups.stack(list(tensors)))
 
 
 class Architect:
@@ -166,14 +169,20 @@ class Architect:
 
     def unrolled_weights(self, train_grads, xi, momentum_buffers=None):
         """w' = w - xi * (mu * m + g + wd * w): one virtual SGD step (no gradient clipping)."""
-        unrolled = []
-        for index, (w, g) in enumerate(zip(self.weights, train_grads, strict=True)):
-            w = tf.convert_to_tensor(w)
+        weights = [tf.convert_to_tensor(w) for w in self.weights]
+        with_momentum = momentum_buffers is not None
+        lists = [weights, train_grads]
+        if with_momentum:
+            lists.append([tf.convert_to_tensor(m) for m in momentum_buffers])
+
+        def virtual_step(w, g, m=None):
             step = g + self.weight_decay * w
-            if momentum_buffers is not None:
-                step = step + self.momentum * tf.convert_to_tensor(momentum_buffers[index])
-            unrolled.append(w - tf.cast(xi, w.dtype) * step)
-        return unrolled
+            if with_momentum:
+                step = step + self.momentum * m
+            return w - tf.cast(xi, w.dtype) * step
+
+        # One node per shape of weight rather than per weight (`grouped`), same arithmetic.
+        return grouped.ShapeGroups(weights).map(virtual_step, *lists)
 
     def _weight_gradients(self, batch):
         with tf.GradientTape(watch_accessed_variables=False) as tape:
@@ -195,14 +204,22 @@ class Architect:
 
     def hessian_vector_product(self, vector, batch):
         """DARTS' central difference (grad_a L(w + eps v) - grad_a L(w - eps v)) / (2 eps)."""
-        eps = self.hessian_radius / global_norm(vector)
         weights = [tf.convert_to_tensor(w) for w in self.weights]
+        # One node per shape of weight rather than per weight (`grouped`), same arithmetic.
+        groups = grouped.ShapeGroups(weights)
+        stacked_weights, stacked_vector = groups.stack(weights), groups.stack(list(vector))
+        eps = self.hessian_radius / grouped.global_norm(stacked_vector)
         sides = []
         for sign in (1.0, -1.0):
             # The two passes are independent; run them one after the other, so that their
             # activations are not held in memory at the same time.
             with tf.control_dependencies(sides[0]) if sides else contextlib.nullcontext():
-                shifted = [w + sign * eps * v for w, v in zip(weights, vector, strict=True)]
+                shifted = groups.unstack(
+                    [
+                        w + sign * eps * v
+                        for w, v in zip(stacked_weights, stacked_vector, strict=True)
+                    ]
+                )
             with tf.GradientTape(watch_accessed_variables=False) as tape:
                 tape.watch(self.alphas)
                 loss, _ = self.loss(batch, shifted)

@@ -10,15 +10,18 @@ import tensorflow as tf
 from keras import ops
 
 from pibconv_tf.search import architect as architect_lib
+from pibconv_tf.search import grouped, regularization
 from pibconv_tf.search import loss_scale as loss_scale_lib
-from pibconv_tf.search import regularization
 
 
 def clip_by_global_norm(grads, max_norm):
     """PyTorch's `clip_grad_norm_`: scale by max_norm / (norm + 1e-6) when that is below 1."""
-    norm = architect_lib.global_norm(grads)
+    # Stacked by shape (`grouped`): one l2_loss and one product per shape, not per weight.
+    groups = grouped.ShapeGroups(grads)
+    stacked = groups.stack(list(grads))
+    norm = grouped.global_norm(stacked)
     scale = tf.minimum(1.0, max_norm / (norm + 1e-6))
-    return [g * tf.cast(scale, g.dtype) for g in grads], norm
+    return groups.unstack([g * tf.cast(scale, g.dtype) for g in stacked]), norm
 
 
 def make_architect(trainer):
