@@ -73,16 +73,6 @@ def _tf_variable(variable):
     return variable.value if isinstance(variable, keras.Variable) else variable
 
 
-def global_norm(tensors):
-    """sqrt of the sum of squares of every entry, in the tensors' (common) dtype.
-
-    One `l2_loss` (sum of squares / 2) per shape of tensor (`grouped`), instead of a square
-    and a sum per tensor: the ~2,000 weight gradients of the search network have 41 shapes.
-    """
-    groups = grouped.ShapeGroups(tensors)
-    return grouped.global_norm(groups.stack(list(tensors)))
-
-
 class Architect:
     """Computes DARTS' architecture gradient of a `SearchNetwork`.
 

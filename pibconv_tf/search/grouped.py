@@ -60,6 +60,7 @@ class ShapeGroups:
         return self.unstack([function(*arguments) for arguments in zip(*stacked, strict=True)])
 
 
-def global_norm(stacked):
-    """sqrt of the sum of squares of every entry of `stacked` (any list of tensors)."""
-    return tf.sqrt(2.0 * tf.add_n([tf.nn.l2_loss(t) for t in stacked]))
+def global_norm(tensors):
+    """sqrt of the sum of squares of every entry of `tensors` (stacked by `ShapeGroups` or
+    not): one `l2_loss` (sum of squares / 2) per tensor, in their (common) dtype."""
+    return tf.sqrt(2.0 * tf.add_n([tf.nn.l2_loss(t) for t in tensors]))
