@@ -123,6 +123,50 @@ def test_second_order_gradient_matches_central_differences(float64_setup):
         assert abs(first @ flat - reference) > 0.05 * abs(reference)
 
 
+def test_shared_traces_leave_the_discarded_statistics_out_of_the_second_order(float64_setup):
+    from pibconv_tf.model.search_network import set_op_executor
+    from pibconv_tf.search.shared_trace import SharedTraces
+
+    net, train, val, buffers = float64_setup
+    statistics = [v.value for v in net.non_trainable_variables]
+    start = [v.numpy().copy() for v in statistics]
+    plain = architect_gradient(net, train, val, buffers, "second", radius=1e-3)
+    for variable, value in zip(statistics, start, strict=True):
+        variable.assign(value)
+    executor = SharedTraces()
+    set_op_executor(net, executor)
+    try:
+        architect = architect_lib.Architect(
+            net, mean_cross_entropy, "second", MOMENTUM, WEIGHT_DECAY, hessian_radius=1e-3
+        )
+        step = tf.function(lambda: architect.gradients(train, val, XI, buffers)[0])
+        graph = step.get_concrete_function().graph
+        traced = np.concatenate([np.ravel(g.numpy()) for g in step()])
+    finally:
+        set_op_executor(net, None)
+    # The passes at w' and w+- compute the same numbers without the statistics.
+    np.testing.assert_allclose(traced, plain, rtol=1e-9, atol=1e-13)
+    by_values = {key: f for key, f in executor.functions.items() if not key.by_variables}
+    assert by_values and all(key.discarding for key in by_values)  # all of them discard
+    for function in by_values.values():
+        (concrete,) = function._list_all_concrete_functions()
+        _, updates = concrete.structured_outputs
+        assert updates == []
+    # Each weight is read once for w' and w+- (and once inside the train pass' calls).
+    reads = [op for op in graph.get_operations() if op.type == "ReadVariableOp"]
+    assert len(reads) < 2 * len(net.weight_parameters())
+    # Only the pass at w itself moved the statistics, as without the shared traces.
+    for variable, value in zip(statistics, start, strict=True):
+        variable.assign(value)
+    architect_gradient(net, train, val, buffers, "second", radius=1e-3)
+    moved = [v.numpy() for v in statistics]
+    for variable, value in zip(statistics, start, strict=True):
+        variable.assign(value)
+    step()
+    for variable, want in zip(statistics, moved, strict=True):
+        np.testing.assert_allclose(variable.numpy(), want, rtol=1e-9, atol=1e-13)
+
+
 def test_finite_difference_leaves_the_weights_untouched(float64_setup):
     net, train, val, buffers = float64_setup
     assert architect_lib.Architect(net, mean_cross_entropy, "second").hessian_radius == 0.01

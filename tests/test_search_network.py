@@ -192,13 +192,15 @@ def test_shared_traces_compute_what_the_layers_compute(inline, recompute, differ
     executor = SharedTraces(inline=inline, recompute=recompute)
     # Inside a tf.function, where TensorFlow inlines the nested calls unless told not to.
     shared = run(executor, tf.function(forward_backward))
-    for function in executor._functions.values():
+    for function in executor.functions.values():
         (concrete,) = function._list_all_concrete_functions()
         assert concrete.function_def.attr["_noinline"].b is (not inline)
     # 15 edges, 5 configurations: C=4 stride 1 (8x8); C=8 stride 2 (8x8) and 1 (4x4);
     # C=16 stride 2 (4x4) and 1 (2x2). Differentiated: (inputs, mixing weights, weights).
-    followed = {key[-2] for key in executor._functions}
-    assert {key[-1] for key in executor._functions} == {True}  # the edges pass their variables
+    followed = {key.differentiated for key in executor.functions}
+    assert {key.by_variables for key in executor.functions} == {
+        True
+    }  # the edges pass their variables
     if differentiated == "all":
         assert executor.num_functions == 5
         assert followed == {(True, True, True)}

@@ -23,7 +23,9 @@ The weights are never modified: the unrolled and perturbed networks are evaluate
 `keras.StatelessScope` that substitutes the weight values, so w is restored exactly by
 construction and BatchNorm statistics of those extra passes are discarded (DARTS evaluates
 them on a throwaway copy for w', on the model itself for w+-; the statistics only matter for
-inference, which the search never uses).
+inference, which the search never uses), so that TensorFlow's shared traces neither take nor
+return them there (`shared_trace.statistics_discarded`). Each weight is read once per step
+for w' and w+-.
 
 Under a tf.distribute strategy every gradient is summed over the replicas before it is used,
 so all replicas compute the same w', the same eps and the same w+-.
@@ -38,6 +40,7 @@ import keras
 import tensorflow as tf
 
 from pibconv_tf.search import grouped
+from pibconv_tf.search.shared_trace import statistics_discarded
 
 ORDERS = ("first", "second")
 
@@ -130,14 +133,15 @@ class Architect:
         return [_tf_variable(v) for v in self.network.weight_parameters()]
 
     def loss(self, batch, weight_values=None):
-        """(loss, logits) on `batch` in training mode, optionally at substituted weights."""
+        """(loss, logits) on `batch` in training mode, optionally at substituted weights
+        (whose BatchNorm statistics are then discarded)."""
         x, y = batch
         if weight_values is None:
             logits = self.network(x, training=True)
         else:
             keras_weights = self.network.weight_parameters()
             mapping = list(zip(keras_weights, weight_values, strict=True))
-            with keras.StatelessScope(state_mapping=mapping):
+            with keras.StatelessScope(state_mapping=mapping), statistics_discarded():
                 logits = self.network(x, training=True)
         return self.loss_fn(y, logits), logits
 
@@ -157,9 +161,12 @@ class Architect:
     def _gradient(self, tape, loss, sources):
         return gradient(tape, loss, sources, self.loss_scale)
 
-    def unrolled_weights(self, train_grads, xi, momentum_buffers=None):
-        """w' = w - xi * (mu * m + g + wd * w): one virtual SGD step (no gradient clipping)."""
-        weights = [tf.convert_to_tensor(w) for w in self.weights]
+    def unrolled_weights(self, train_grads, xi, momentum_buffers=None, weights=None):
+        """w' = w - xi * (mu * m + g + wd * w): one virtual SGD step (no gradient clipping).
+
+        `weights`: the values of w if already read (None reads them).
+        """
+        weights = self._read(weights)
         with_momentum = momentum_buffers is not None
         lists = [weights, train_grads]
         if with_momentum:
@@ -180,21 +187,33 @@ class Architect:
             loss, _ = self.loss(batch)
         return self._gradient(tape, loss, self.weights)
 
+    def _read(self, weights=None):
+        if weights is None:
+            weights = [tf.convert_to_tensor(w) for w in self.weights]
+        return list(weights)
+
     def _finite_difference(self, train_batch, val_batch, xi, momentum_buffers):
-        unrolled = self.unrolled_weights(self._weight_gradients(train_batch), xi, momentum_buffers)
+        # w is read once for w' and w+- (a read per weight and use would add ~2,000 nodes).
+        weights = self._read()
+        unrolled = self.unrolled_weights(
+            self._weight_gradients(train_batch), xi, momentum_buffers, weights
+        )
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(self.alphas)
             tape.watch(unrolled)
             val_loss, val_logits = self.loss(val_batch, unrolled)
         grads = self._gradient(tape, val_loss, self.alphas + unrolled)
         alpha_grads, vector = grads[: len(self.alphas)], grads[len(self.alphas) :]
-        hvp = self.hessian_vector_product(vector, train_batch)
+        hvp = self.hessian_vector_product(vector, train_batch, weights)
         alpha_grads = [g - tf.cast(xi, g.dtype) * h for g, h in zip(alpha_grads, hvp, strict=True)]
         return alpha_grads, val_loss, val_logits
 
-    def hessian_vector_product(self, vector, batch):
-        """DARTS' central difference (grad_a L(w + eps v) - grad_a L(w - eps v)) / (2 eps)."""
-        weights = [tf.convert_to_tensor(w) for w in self.weights]
+    def hessian_vector_product(self, vector, batch, weights=None):
+        """DARTS' central difference (grad_a L(w + eps v) - grad_a L(w - eps v)) / (2 eps).
+
+        `weights`: the values of w if already read (None reads them).
+        """
+        weights = self._read(weights)
         # One node per shape of weight rather than per weight (`grouped`), same arithmetic.
         groups = grouped.ShapeGroups(weights)
         stacked_weights, stacked_vector = groups.stack(weights), groups.stack(list(vector))
