@@ -134,6 +134,27 @@ class BatchNormTest(test_case.TestCase):
         self.assertAllClose(fast.moving_mean, plain.moving_mean, atol=1e-6)
         self.assertAllClose(fast.moving_variance, plain.moving_variance, rtol=1e-5)
 
+    @parameterized.parameters((4, 6, 6, 5), (1, 1, 1, 16), (3, 2, 2, 32))
+    def test_a_known_shape_gives_the_bits_of_an_unknown_one_in_fewer_nodes(self, *shape):
+        # Traced with the count known, the biased variance is two nodes instead of ten.
+        x = np.random.default_rng(2).normal(1.0, 2.0, shape).astype("float32")
+
+        def statistics(t):
+            return kernels.fused_batch_norm_training(t, None, None, L.BN_EPSILON)
+
+        unknown = tf.TensorSpec((None, *shape[1:]), "float32")
+        traced = {
+            "known": tf.function(statistics).get_concrete_function(tf.TensorSpec(shape)),
+            "unknown": tf.function(statistics).get_concrete_function(unknown),
+        }
+        known, dynamic = ([t.numpy() for t in traced[k](tf.constant(x))] for k in traced)
+        for a, b in zip(known, dynamic, strict=True):
+            np.testing.assert_array_equal(a, b)
+        if math.prod(shape[:-1]) == 1:
+            np.testing.assert_array_equal(known[2], np.zeros(shape[-1]))
+        sizes = {k: len(f.graph.get_operations()) for k, f in traced.items()}
+        self.assertLessEqual(sizes["known"] + 8, sizes["unknown"])
+
     def test_float32_takes_the_fused_kernel_and_float64_keras(self):
         for dtype, fused in (("float32", True), ("float64", False)):
             layer = L.batch_norm(True, "bn", dtype=dtype)

@@ -251,10 +251,18 @@ def fused_batch_norm_training(inputs, scale, offset, epsilon):
         data_format="NHWC",
         is_training=True,
     )
-    y = tf.reshape(y, tf.shape(inputs)) if x is not inputs else y
+    static = inputs.shape.is_fully_defined()
+    if x is not inputs:
+        y = tf.reshape(y, inputs.shape if static else tf.shape(inputs))
     # The kernel returns the unbiased variance (for a moving average); give the biased one.
-    count = tf.cast(tf.reduce_prod(tf.shape(inputs)[:-1]), "float32")
     # One value per channel: the biased variance is 0 (a kernel may return inf or NaN).
+    if static:
+        # The same arithmetic with the count known when traced: two nodes instead of ten
+        # (the search network's step has hundreds of these BatchNorms).
+        count = float(math.prod(inputs.shape[:-1]))
+        biased = variance * (count - 1.0) / count if count > 1.0 else tf.zeros_like(variance)
+        return y, mean, biased
+    count = tf.cast(tf.reduce_prod(tf.shape(inputs)[:-1]), "float32")
     biased = tf.where(count > 1.0, variance * (count - 1.0) / tf.maximum(count, 1.0), 0.0)
     return y, mean, biased
 

@@ -126,7 +126,8 @@ class MixedOp(keras.layers.Layer):
 
     def mixed_sum(self, inputs, weights, training=None):
         """sum_k weights[k] * op_k(inputs), without the executor."""
-        weights = ops.cast(weights, inputs.dtype)
+        # Split once (one node, and one in the gradient) rather than indexed per operation.
+        weights = ops.unstack(ops.cast(weights, inputs.dtype))
         total = None
         for index, op, norm in self.candidates:
             y = op(inputs, training=training)
