@@ -13,6 +13,7 @@ from pibconv_tf.model.search_network import (
     build_network,
     channel_shuffle,
     node_softmax,
+    set_op_executor,
 )
 from pibconv_tf.search.config import SearchConfig
 from pibconv_tf.search.run import read_alphas, run_search
@@ -112,3 +113,44 @@ def test_partial_channels_must_leave_each_operation_an_even_channel_count():
     with pytest.raises(UserInputError, match="divisible by 8"):
         config.validate()
     SearchConfig(model_dir="x", init_channels=16, partial_channels=4).validate()
+
+
+def test_shared_traces_run_a_whole_partial_channel_edge_as_one_call():
+    import tensorflow as tf  # the executor is TensorFlow's
+
+    from pibconv_tf.search.shared_trace import SharedTraces
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float64")
+    try:
+        network = _network(2)
+        x = keras.random.normal((2, 8, 8, 3), seed=3, dtype="float64")
+    finally:
+        keras.config.set_dtype_policy(previous)
+    sources = [v.value for v in network.trainable_variables]
+    statistics = [v.value for v in network.non_trainable_variables]
+    start = [v.numpy().copy() for v in statistics]
+
+    def forward_backward():
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(sources)
+            loss = tf.reduce_sum(tf.square(network(x, training=True)))
+        return loss, tape.gradient(loss, sources)
+
+    plain = forward_backward()
+    for variable, value in zip(statistics, start, strict=True):
+        variable.assign(value)
+    set_op_executor(network, SharedTraces())
+    try:
+        step = tf.function(forward_backward)
+        graph = step.get_concrete_function().graph
+        shared = step()
+    finally:
+        set_op_executor(network, None)
+    np.testing.assert_allclose(shared[0], plain[0], rtol=1e-10)
+    for got, want in zip(shared[1], plain[1], strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+    # The split, the bypass, the concatenation and the shuffle run inside each edge's call
+    # (15 edges): the step's own graph concatenates only the cells' nodes.
+    concatenations = [op for op in graph.get_operations() if op.type == "ConcatV2"]
+    assert len(concatenations) < 15

@@ -99,7 +99,7 @@ class MixedOp(keras.layers.Layer):
             norm = L.batch_norm(False, name=f"{op_name}_bn") if pooled else None
             self.candidates.append((index, op, norm))
         # Optional callable (op, inputs, weights, training) -> outputs that computes
-        # `mixed_sum` in a backend-specific way (e.g. one trace shared by all edges of the same
+        # `forward` in a backend-specific way (e.g. one trace shared by all edges of the same
         # configuration); set by the trainer, never serialised.
         self.executor = None
 
@@ -110,19 +110,23 @@ class MixedOp(keras.layers.Layer):
         self.built = True
 
     def call(self, inputs, weights, training=None):
+        if self.executor is not None:
+            return self.executor(self, inputs, weights, training)
+        return self.forward(inputs, weights, training)
+
+    def forward(self, inputs, weights, training=None):
+        """The mixed operation without the executor: `mixed_sum`, over the first C/K
+        channels with partial channels (the rest bypass it, max-pooled at stride 2, and a
+        channel shuffle interleaves the two). An executor runs all of it, so that with
+        partial channels too an edge is one call that holds no copy of its input."""
         if self.partial_channels == 1:
-            return self._mixed(inputs, weights, training)
+            return self.mixed_sum(inputs, weights, training)
         part = self.filters // self.partial_channels
         through, around = inputs[..., :part], inputs[..., part:]
         if self.strides == 2:
             around = ops.max_pool(around, 2, 2, padding="same")
-        outputs = ops.concatenate([self._mixed(through, weights, training), around], axis=-1)
+        outputs = ops.concatenate([self.mixed_sum(through, weights, training), around], axis=-1)
         return channel_shuffle(outputs, self.partial_channels)
-
-    def _mixed(self, inputs, weights, training):
-        if self.executor is not None:
-            return self.executor(self, inputs, weights, training)
-        return self.mixed_sum(inputs, weights, training)
 
     def mixed_sum(self, inputs, weights, training=None):
         """sum_k weights[k] * op_k(inputs), without the executor."""

@@ -202,7 +202,7 @@ def _shared_function(
         mapping = list(zip(variables, values, strict=True))
         mapping += [(v, tf.zeros(v.shape, v.dtype)) for v in unused]
         with keras.StatelessScope(state_mapping=mapping) as scope:
-            outputs = template.mixed_sum(inputs, weights, training=training)
+            outputs = template.forward(inputs, weights, training=training)
         updates = [scope.get_current_value(v) for v in statistics] if training else []
         return outputs, updates
 
