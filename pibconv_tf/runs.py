@@ -30,6 +30,7 @@ import numpy as np
 
 from pibconv_tf import checkpoints
 from pibconv_tf.errors import RunError, UserInputError
+from pibconv_tf.files import atomic_file, write_text_atomic  # noqa: F401 (used here and re-exported)
 
 # The names of the files in a run directory (search, training, sweeps, roadmaps).
 CONFIG = "config.json"  # the resolved configuration
@@ -260,35 +261,6 @@ def same_directory(a, b):
 def has_checkpoint(path):
     """Whether the run directory `path` holds a checkpoint to resume from."""
     return checkpoints.exists(path)
-
-
-@contextlib.contextmanager
-def atomic_file(path, mode="w"):
-    """A stream whose content replaces `path` only once the block completes (a crash never
-    leaves half a file), with the usual permissions (not mkstemp's 0600)."""
-    path = pathlib.Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, mode) as stream:
-            yield stream
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
-def write_text_atomic(path, text):
-    """Writes `text` to `path` through a temporary file (`atomic_file`)."""
-    with atomic_file(path) as stream:
-        stream.write(text)
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_json_atomic(path, data):

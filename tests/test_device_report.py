@@ -204,3 +204,21 @@ def test_edge_runner_classifies_any_image_mode_on_every_variant(exports, tmp_pat
             probabilities = runner.classify(interpreter, pixels)
             assert probabilities.shape == (1, 10)
             np.testing.assert_allclose(probabilities.sum(), 1.0, atol=1e-5)
+
+
+def test_a_failing_report_leaves_the_previous_files_whole(exports, monkeypatch):
+    directory = exports["PIBCONV"]
+    before = {
+        name: (directory / name).read_bytes()
+        for name in (device_report.JSON, device_report.MARKDOWN)
+    }
+
+    def broken(report):
+        raise RuntimeError("formatting failed")
+
+    monkeypatch.setattr(device_report, "format_markdown", broken)
+    with pytest.raises(RuntimeError, match="formatting failed"):
+        device_report.device_report(sorted(directory.glob("*.tflite")), runs=0)
+    for name, content in before.items():
+        assert (directory / name).read_bytes() == content
+    assert not list(directory.glob(".device_report*"))  # no temporary files left

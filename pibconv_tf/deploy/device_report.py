@@ -46,6 +46,7 @@ import numpy as np
 from ai_edge_litert import interpreter as litert
 from ai_edge_litert import schema_py_generated as schema
 
+from pibconv_tf import files
 from pibconv_tf.deploy import latency, microcontroller
 
 JSON = "device_report.json"
@@ -294,8 +295,10 @@ def device_report(models, output_dir=None, threads=DEFAULT_THREADS, runs=50, war
     }
     if models:
         directory = pathlib.Path(output_dir or pathlib.Path(next(iter(models.values()))).parent)
-        (directory / JSON).write_text(json.dumps(report, indent=2) + "\n")
-        (directory / MARKDOWN).write_text(format_markdown(report))
+        # Both texts first, then each file replaced whole: an error leaves the old pair.
+        texts = {JSON: json.dumps(report, indent=2) + "\n", MARKDOWN: format_markdown(report)}
+        for name, text in texts.items():
+            files.write_text_atomic(directory / name, text)
     return report
 
 

@@ -19,6 +19,8 @@ Both files compile on their own with any C++11 compiler (`tests/test_deploy.py` 
 
 import pathlib
 
+from pibconv_tf import files
+
 C_ARRAY = "tflite_int8_c"
 SOURCE = "model_data.cc"
 HEADER = "model_data.h"
@@ -123,8 +125,8 @@ def write_c_array(content, op_names, directory, source_name):
     """Writes `model_data.h` and `model_data.cc` into `directory`; returns their metadata."""
     directory = pathlib.Path(directory)
     header, source = c_sources(content, op_names, source_name)
-    (directory / HEADER).write_text(header)
-    (directory / SOURCE).write_text(source)
+    files.write_text_atomic(directory / HEADER, header)
+    files.write_text_atomic(directory / SOURCE, source)
     return {
         "path": SOURCE,
         "header": HEADER,
