@@ -30,7 +30,7 @@ import numpy as np
 
 from pibconv_tf import checkpoints
 from pibconv_tf.errors import RunError, UserInputError
-from pibconv_tf.files import atomic_file, write_text_atomic  # noqa: F401 (used here and re-exported)
+from pibconv_tf.files import write_text_atomic
 
 # The names of the files in a run directory (search, training, sweeps, roadmaps).
 CONFIG = "config.json"  # the resolved configuration

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from pibconv_tf import optim, runs
+from pibconv_tf import files, optim, runs
 from pibconv_tf.errors import UserInputError
 from pibconv_tf.model import genotypes as G
 from pibconv_tf.model import networks
@@ -173,7 +173,7 @@ def test_same_directory_resolves_slashes_and_relative_paths(tmp_path, monkeypatc
 
 def test_atomic_files_have_the_usual_permissions(tmp_path):
     runs.write_text_atomic(tmp_path / "a.json", "{}")
-    with runs.atomic_file(tmp_path / "b.npz", "wb") as stream:
+    with files.atomic_file(tmp_path / "b.npz", "wb") as stream:
         stream.write(b"x")
     mask = os.umask(0)
     os.umask(mask)

@@ -198,9 +198,8 @@ def test_shared_traces_compute_what_the_layers_compute(inline, recompute, differ
     # 15 edges, 5 configurations: C=4 stride 1 (8x8); C=8 stride 2 (8x8) and 1 (4x4);
     # C=16 stride 2 (4x4) and 1 (2x2). Differentiated: (inputs, mixing weights, weights).
     followed = {key.differentiated for key in executor.functions}
-    assert {key.by_variables for key in executor.functions} == {
-        True
-    }  # the edges pass their variables
+    # The edges pass their variables.
+    assert {key.by_variables for key in executor.functions} == {True}
     if differentiated == "all":
         assert executor.num_functions == 5
         assert followed == {(True, True, True)}

@@ -21,7 +21,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from pibconv_tf import data, distribute, optim, runs
+from pibconv_tf import data, distribute, files, optim, runs
 from pibconv_tf.errors import Interrupted, UserInputError
 from pibconv_tf.model import genotypes, numerics
 from pibconv_tf.model.genotypes import Genotype
@@ -86,7 +86,7 @@ def write_alphas(path, history, primitives):
     """Saves the softmax(alpha) history atomically (a crash never leaves half a file); with
     partial channels also the edge weights (`normal_edges`, `reduce_edges`)."""
     arrays = {kind: np.asarray(values, np.float32) for kind, values in history.items()}
-    with runs.atomic_file(path, "wb") as stream:
+    with files.atomic_file(path, "wb") as stream:
         np.savez(stream, **arrays, primitives=np.asarray(primitives))
 
 
